@@ -1,0 +1,174 @@
+"""Checkpoints in MODEL_DIR/checkpoint_<step>, with t5x's restore order.
+
+Each checkpoint is an orbax step directory with two items, as t5x's Orbax layout:
+  checkpoint_<step>/state    the train state {'target': params, 'state': {'step', 'param_states'}}
+  checkpoint_<step>/dataset  JSON: the input pipeline's position and seed, so a resumed run
+                             continues with exactly the batches an uninterrupted one would see.
+Orbax writes into a temporary directory and renames (or commits) it when complete, so a
+checkpoint is either whole or absent; the latest *complete* one is what a restart restores.
+
+Restore order (t5x's): the latest checkpoint in MODEL_DIR, else INITIAL_CHECKPOINT_PATH, else
+fresh initialisation. Once MODEL_DIR holds a checkpoint, INITIAL_CHECKPOINT_PATH is ignored
+(and we say so in the log, unlike t5x).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from t5tpu import storage
+
+log = logging.getLogger(__name__)
+STEP_PREFIX = 'checkpoint'
+_STEP_RE = re.compile(r'^checkpoint_(\d+)$')
+
+
+@dataclasses.dataclass
+class SaveCheckpointConfig:
+  period: Optional[int] = 1000  # steps between checkpoints (the final step always saves)
+  keep: Optional[int] = None  # how many to keep; None keeps all
+  dtype: str = 'float32'  # dtype of the saved parameters
+  save_dataset: bool = True  # store the input position (exact resume)
+  async_save: bool = True
+
+
+@dataclasses.dataclass
+class RestoreCheckpointConfig:
+  path: Optional[str] = None  # INITIAL_CHECKPOINT_PATH: a checkpoint dir or a model file
+  dtype: Optional[str] = None  # cast restored parameters: None, 'float32' or 'bfloat16'
+  restore_dataset: bool = True
+  # Regex (pattern, replacement) pairs over '/'-joined parameter names: a parameter of the
+  # model named P takes the checkpoint's re.sub(pattern, replacement, P); replacement None
+  # leaves P at its fresh initial value.
+  assignment_map: Optional[Sequence[tuple]] = None
+  fallback_to_scratch: bool = False  # parameters absent from the checkpoint keep init values
+  strict: bool = True
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+  save: Optional[SaveCheckpointConfig] = None
+  restore: Optional[RestoreCheckpointConfig] = None
+
+
+def all_steps(model_dir: str) -> list[int]:
+  """Steps of the complete checkpoints in model_dir, ascending."""
+  if not model_dir or not storage.exists(model_dir):
+    return []
+  steps = []
+  for name in storage.listdir(model_dir):
+    m = _STEP_RE.match(name.rstrip('/'))
+    if m and is_complete(storage.join(model_dir, name.rstrip('/'))):
+      steps.append(int(m.group(1)))
+  return sorted(steps)
+
+
+def latest_step(model_dir: str) -> Optional[int]:
+  steps = all_steps(model_dir)
+  return steps[-1] if steps else None
+
+
+def is_complete(step_dir: str) -> bool:
+  """Orbax renames finished local saves; on object stores it writes a commit marker."""
+  if '.orbax-checkpoint-tmp' in step_dir:
+    return False
+  if storage.is_remote(step_dir):
+    return storage.exists(storage.join(step_dir, 'commit_success.txt')) or storage.exists(
+        storage.join(step_dir, '_CHECKPOINT_METADATA'))
+  return storage.exists(step_dir)
+
+
+def step_dir(model_dir: str, step: int) -> str:
+  return storage.join(model_dir, f'{STEP_PREFIX}_{step}')
+
+
+def cast_params(tree, dtype: Optional[str]):
+  if dtype is None:
+    return tree
+  dt = jnp.dtype(dtype)
+  return jax.tree.map(
+      lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Checkpointer:
+  """Saves and restores TrainStates (and input positions) under one MODEL_DIR."""
+
+  def __init__(self, model_dir: str, optimizer_def, save_cfg: Optional[SaveCheckpointConfig]):
+    self.model_dir = model_dir
+    self.optimizer_def = optimizer_def
+    self.save_cfg = save_cfg or SaveCheckpointConfig()
+    storage.makedirs(model_dir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.save_cfg.keep, step_prefix=STEP_PREFIX, create=True,
+        enable_async_checkpointing=self.save_cfg.async_save)
+    self.manager = ocp.CheckpointManager(
+        storage.orbax_path(model_dir), options=options, item_names=('state', 'dataset'))
+
+  def save(self, state, dataset_state: Optional[dict] = None, force_sync: bool = False):
+    step = int(jax.device_get(state.step))
+    if step in self.manager.all_steps():
+      return False
+    tree = state.state_dict(self.optimizer_def)
+    if self.save_cfg.dtype and self.save_cfg.dtype != 'float32':
+      tree = {**tree, 'target': cast_params(tree['target'], self.save_cfg.dtype)}
+    items = {'state': ocp.args.StandardSave(tree)}
+    items['dataset'] = ocp.args.JsonSave(dataset_state or {})
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if force_sync:
+      self.manager.wait_until_finished()
+    return True
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, template_state, shardings):
+    """Restores checkpoint_<step> into the layout of template_state (abstract is fine)."""
+    abstract_dict = _abstract_state_dict(template_state, shardings, self.optimizer_def)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_dict), dataset=ocp.args.JsonRestore()))
+    state = template_state.restore_state_dict(restored['state'], self.optimizer_def)
+    # orbax may hand back one buffer for several equal arrays (e.g. Adafactor's [1] zero
+    # slots); the train step donates its state, and a buffer cannot be donated twice.
+    state = jax.tree.map(lambda x: x.copy(), state)
+    return state, dict(restored['dataset'] or {})
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _abstract_state_dict(template_state, shardings, optimizer_def):
+  """ShapeDtypeStructs with shardings, in the checkpoint's dict layout."""
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          template_state, shardings)
+  return abstract.state_dict(optimizer_def)
+
+
+def read_state_dict(path: str, abstract_dict=None):
+  """Reads the `state` item of an orbax checkpoint directory (t5tpu's or t5x's) as a dict.
+
+  With `abstract_dict`, arrays come back in that layout and sharding; without, as numpy.
+  """
+  state_path = storage.join(path, 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    if abstract_dict is None:
+      meta = checkpointer.metadata(storage.orbax_path(state_path))
+      tree = getattr(meta, 'item_metadata', meta)
+      tree = getattr(tree, 'tree', tree)
+      target = jax.tree.map(
+          lambda m: np.empty(m.shape, m.dtype) if hasattr(m, 'shape') else m, tree)
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+      pytree = ocp.PyTreeCheckpointer()
+      return pytree.restore(storage.orbax_path(state_path),
+                            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    return checkpointer.restore(storage.orbax_path(state_path), abstract_dict)
+  finally:
+    checkpointer.close()

@@ -1,0 +1,104 @@
+"""t5x-style command lines: --gin_file=..., --gin.MACRO=value, --gin_bindings=..., search paths.
+
+`python -m t5tpu.train --gin_file=runs/finetune.gin --gin.MODEL_DIR=\\"/tmp/run\\"` works as in
+t5x. Gin files are found relative to the current directory, the search paths given, and the
+project's own gin/ directory, so `include 'models/t5_1_1/small.gin'` works from anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+from typing import List, Optional, Sequence
+
+import gin
+
+
+def gin_config_dir() -> str:
+  """The project's gin/ directory (a source checkout or the installed copy)."""
+  here = pathlib.Path(__file__).resolve().parent
+  for candidate in (here.parent / 'gin', here / 'gin_configs'):
+    if candidate.is_dir():
+      return str(candidate)
+  raise FileNotFoundError('t5tpu gin configs not found next to the package')
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+  p.add_argument('--gin_file', action='append', default=[],
+                 help='gin config file (repeatable), e.g. runs/finetune.gin')
+  p.add_argument('--gin_bindings', action='append', default=[],
+                 help="gin binding (repeatable), e.g. \"MODEL_DIR='/tmp/run'\"")
+  p.add_argument('--gin_search_paths', default='',
+                 help='comma-separated directories to look for gin files and includes')
+  p.add_argument('--tfds_data_dir', default=None, help='TFDS data dir (local or gs://)')
+  p.add_argument('--seqio_additional_cache_dirs', default='',
+                 help='comma-separated directories holding cached seqio tasks')
+  p.add_argument('--coordinator_address', default=None,
+                 help='multi-process runs off TPU: host:port of process 0')
+  p.add_argument('--process_count', type=int, default=None)
+  p.add_argument('--process_index', type=int, default=None)
+  p.add_argument('--alsologtostderr', action='store_true', help='accepted for t5x parity')
+  return p
+
+
+def split_gin_flags(argv: Sequence[str]) -> tuple[List[str], List[str]]:
+  """Pulls t5x's `--gin.NAME=VALUE` flags out of argv as gin bindings."""
+  bindings, rest = [], []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      name, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep:
+        raise ValueError(f'{arg!r}: expected --gin.NAME=VALUE')
+      bindings.append(f'{name} = {value}')
+    else:
+      rest.append(arg)
+  return bindings, rest
+
+
+def parse_flags(argv: Sequence[str], description: str):
+  bindings, rest = split_gin_flags(list(argv))
+  args = build_parser(description).parse_args(rest)
+  args.gin_bindings = list(args.gin_bindings) + bindings
+  return args
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files and bindings with the project's gin/ directory on the search path."""
+  paths = [os.getcwd(), *[p for p in search_paths if p], gin_config_dir()]
+  for path in paths:
+    gin.add_config_file_search_path(path)
+  # Files named from the repository root ('gin/runs/finetune.gin') resolve too.
+  resolved = []
+  for f in gin_files:
+    if not os.path.exists(f) and f.startswith('gin/'):
+      candidate = os.path.join(gin_config_dir(), f[len('gin/'):])
+      f = candidate if os.path.exists(candidate) else f
+    resolved.append(f)
+  gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
+  gin.finalize()
+
+
+def setup(argv: Sequence[str], description: str):
+  """Logging, flags, optional multi-process init and gin; returns the parsed flags."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+                      stream=sys.stderr, force=True)
+  for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  args = parse_flags(argv, description)
+  if not args.gin_file:
+    raise SystemExit('give at least one --gin_file (e.g. --gin_file=runs/finetune.gin)')
+  from t5tpu import distributed
+  distributed.initialize(args.coordinator_address, args.process_count, args.process_index)
+  if args.tfds_data_dir:
+    import seqio
+    seqio.set_tfds_data_dir_override(args.tfds_data_dir)
+  if args.seqio_additional_cache_dirs:
+    import seqio
+    seqio.add_global_cache_dirs(args.seqio_additional_cache_dirs.split(','))
+  parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths.split(','))
+  return args

@@ -1,0 +1,461 @@
+"""T5 as pure flax modules, with t5x's parameter names and logical axis names.
+
+One `Transformer` covers T5 1.0 (ReLU FFN, logits through the shared embedding) and
+T5 1.1 / Flan-T5 (gated GELU, untied `logits_dense`), chosen by `T5Config`. The tree of
+parameters is exactly t5x's (`encoder/layers_0/attention/query/kernel`, ...), so public
+checkpoints load by name. Every parameter is created with its logical axes (`embed`,
+`joined_kv`, `mlp`, `vocab`, `heads`, `relpos_buckets`) which partitioning.py maps to a mesh.
+
+Decoding uses a `cache` collection: the first call with `decode=True` over a full-length
+dummy target creates zeroed self-attention caches and computes the cross-attention keys and
+values once; every later call feeds one token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+NEG_INF = -1e10  # additive mask value, as t5x (large but finite: no NaN for all-masked rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Shape and numerics of one T5 network (field names follow t5x's T5Config)."""
+  vocab_size: int = 32128
+  dtype: str = 'bfloat16'  # activation dtype; parameters are always float32
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  mlp_activations: Sequence[str] = ('relu',)
+  dropout_rate: float = 0.1
+  logits_via_embedding: bool = True
+  float32_attention_logits: bool = True
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  # 'none' keeps every activation; 'full' recomputes each layer in the backward pass;
+  # 'dots' saves only matmul outputs (a middle ground for long sequences / big models).
+  remat_policy: str = 'none'
+
+  @property
+  def activation_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _param(module: nn.Module, name: str, init: Callable, shape, axes):
+  """A float32 parameter annotated with its logical axes (boxed for partitioning)."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+_ACTIVATIONS = {
+    'relu': nn.relu,
+    'gelu': nn.gelu,  # tanh approximation, as T5 1.1 ("gelu_new" in transformers)
+    'gelu_exact': functools.partial(nn.gelu, approximate=False),
+    'silu': nn.silu,
+    'swish': nn.silu,
+    'linear': lambda x: x,
+}
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
+                             max_distance: int, xp=np):
+  """Maps key_position - query_position to T5's log-spaced buckets.
+
+  Works on numpy (static shapes, computed once at trace time) or jax.numpy (decoding,
+  where the query position is traced).
+  """
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int32) * num_buckets
+    n = xp.abs(n)
+  else:
+    n = xp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # Guard log(0) for the small positions that take the exact branch anyway.
+  n_f = xp.maximum(n, 1).astype(np.float32)
+  val_if_large = max_exact + (
+      xp.log(n_f / max_exact) / math.log(max_distance / max_exact) *
+      (num_buckets - max_exact)).astype(np.int32)
+  val_if_large = xp.minimum(val_if_large, num_buckets - 1)
+  return ret + xp.where(is_small, n, val_if_large)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class Embed(nn.Module):
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype
+
+  def setup(self):
+    self.embedding = _param(self, 'embedding', nn.initializers.normal(stddev=1.0),
+                            (self.num_embeddings, self.features), ('vocab', 'embed'))
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """Logits against the embedding table (T5 1.0's tied output layer), float32 out."""
+    return jnp.einsum('...e,ve->...v', x, self.embedding.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: scale only, no mean subtraction, no bias."""
+  dtype: jnp.dtype
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (x32 * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """A bias-free projection with a 2-D kernel [in, out] and logical axes."""
+  features: int
+  kernel_axes: tuple
+  dtype: jnp.dtype
+  kernel_init: Callable = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+  output_dtype: Optional[jnp.dtype] = None  # e.g. float32 logits from bf16 activations
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
+                    self.kernel_axes)
+    return jnp.einsum('...i,io->...o', x, kernel.astype(self.dtype),
+                      preferred_element_type=self.output_dtype)
+
+
+class RelativePositionBiases(nn.Module):
+  """One [heads, buckets] table per stack; returns the additive bias [1, heads, q, k]."""
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int, bidirectional: bool, q_position=None):
+    table = _param(self, 'rel_embedding',
+                   nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+                   (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
+    if q_position is None:  # static positions: buckets computed once, with numpy
+      rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+      buckets = relative_position_bucket(rel, bidirectional, self.num_buckets,
+                                         self.max_distance, np)
+    else:  # one decoding step at a traced position
+      rel = jnp.arange(k_len)[None, :] - q_position
+      buckets = relative_position_bucket(rel, bidirectional, self.num_buckets,
+                                         self.max_distance, jnp)
+    values = jnp.take(table, buckets, axis=1)  # [heads, q, k]
+    return values[None].astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Attention without 1/sqrt(d) scaling (T5 folds it into the query init)."""
+  num_heads: int
+  head_dim: int
+  dtype: jnp.dtype
+  dropout_rate: float = 0.0
+  float32_logits: bool = True
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, bias, *, deterministic: bool,
+               decode: bool = False, decode_position=None, cross: bool = False):
+    inner = self.num_heads * self.head_dim
+    kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+    query_init = lambda *a: kernel_init(*a) / np.sqrt(self.head_dim).astype(np.float32)
+    proj = functools.partial(Dense, features=inner, kernel_axes=('embed', 'joined_kv'),
+                             dtype=self.dtype)
+    split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+
+    query = split(proj(kernel_init=query_init, name='query')(inputs_q))
+    key_proj = proj(kernel_init=kernel_init, name='key')
+    value_proj = proj(kernel_init=kernel_init, name='value')
+
+    if decode and cross:
+      # Keys/values of the encoder output: computed on the cache-creating call, reused after.
+      initialized = self.has_variable('cache', 'cached_key')
+      if initialized:
+        key = self.get_variable('cache', 'cached_key')
+        value = self.get_variable('cache', 'cached_value')
+      else:
+        key, value = split(key_proj(inputs_kv)), split(value_proj(inputs_kv))
+        self.put_variable('cache', 'cached_key', key)
+        self.put_variable('cache', 'cached_value', value)
+    elif decode:
+      initialized = self.has_variable('cache', 'cached_key')
+      key, value = split(key_proj(inputs_kv)), split(value_proj(inputs_kv))
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape,
+                                   value.dtype)
+      if initialized:
+        # One new token: write it at decode_position, attend over the whole cache.
+        start = (0, decode_position, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+        key, value = cached_key.value, cached_value.value
+    else:
+      key, value = split(key_proj(inputs_kv)), split(value_proj(inputs_kv))
+
+    query = _constrain(query, ('batch', 'length', 'heads', 'kv'))
+    key = _constrain(key, ('batch', 'length', 'heads', 'kv'))
+    value = _constrain(value, ('batch', 'length', 'heads', 'kv'))
+
+    logit_dtype = jnp.float32 if self.float32_logits else self.dtype
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=logit_dtype)
+    if bias is not None:
+      logits = logits + bias.astype(logit_dtype)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    if not deterministic and self.dropout_rate > 0:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    out = out.reshape(out.shape[:-2] + (inner,))
+    return Dense(features=inputs_q.shape[-1], kernel_axes=('joined_kv', 'embed'),
+                 dtype=self.dtype, kernel_init=kernel_init, name='out')(out)
+
+
+class MlpBlock(nn.Module):
+  """T5 FFN: `wi` + ReLU (1.0), or gated `wi_0`*`wi_1` (1.1's ('gelu', 'linear'))."""
+  mlp_dim: int
+  activations: Sequence[str]
+  dtype: jnp.dtype
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+    hidden = None
+    for i, act in enumerate(self.activations):
+      name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
+      h = _ACTIVATIONS[act](Dense(self.mlp_dim, ('embed', 'mlp'), self.dtype,
+                                  kernel_init, name=name)(x))
+      hidden = h if hidden is None else hidden * h
+    hidden = _constrain(hidden, ('batch', 'length', 'mlp'))
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+        hidden, deterministic=deterministic)
+    return Dense(x.shape[-1], ('mlp', 'embed'), self.dtype, kernel_init, name='wo')(hidden)
+
+
+def _residual_dropout(cfg: T5Config):
+  # t5x/MTF share each dropout mask across the sequence dimension.
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+
+
+def _attention(cfg: T5Config, name: str):
+  return MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
+                            cfg.dropout_rate, cfg.float32_attention_logits, name=name)
+
+
+def _mlp(cfg: T5Config):
+  return MlpBlock(cfg.mlp_dim, tuple(cfg.mlp_activations), cfg.activation_dtype,
+                  cfg.dropout_rate, name='mlp')
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool):
+    cfg = self.config
+    dt = cfg.activation_dtype
+    y = RMSNorm(dt, name='pre_attention_layer_norm')(x)
+    y = _attention(cfg, 'attention')(y, y, bias, deterministic=deterministic)
+    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
+    y = RMSNorm(dt, name='pre_mlp_layer_norm')(x)
+    y = _mlp(cfg)(y, deterministic=deterministic)
+    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
+    return _constrain(x, ('batch', 'length', 'embed'))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, encoded, self_bias, cross_bias, deterministic: bool,
+               decode: bool = False, decode_position=None):
+    cfg = self.config
+    dt = cfg.activation_dtype
+    y = RMSNorm(dt, name='pre_self_attention_layer_norm')(x)
+    y = _attention(cfg, 'self_attention')(y, y, self_bias, deterministic=deterministic,
+                                          decode=decode, decode_position=decode_position)
+    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
+    y = RMSNorm(dt, name='pre_cross_attention_layer_norm')(x)
+    y = _attention(cfg, 'encoder_decoder_attention')(
+        y, encoded, cross_bias, deterministic=deterministic, decode=decode, cross=True)
+    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
+    y = RMSNorm(dt, name='pre_mlp_layer_norm')(x)
+    y = _mlp(cfg)(y, deterministic=deterministic)
+    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
+    return _constrain(x, ('batch', 'length', 'embed'))
+
+
+_REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _maybe_remat(cls, cfg: T5Config, static_argnums):
+  if cfg.remat_policy == 'none':
+    return cls
+  if cfg.remat_policy not in _REMAT_POLICIES:
+    raise ValueError(f'remat_policy={cfg.remat_policy!r}; choose one of '
+                     f"'none', {', '.join(map(repr, _REMAT_POLICIES))}")
+  return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy],
+                  static_argnums=static_argnums)
+
+
+def _mask_to_bias(mask):
+  """bool [b, 1, q, k] -> additive float32 bias."""
+  return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def attention_mask(q_valid, k_valid, q_segments=None, k_segments=None, causal=False):
+  """[b, 1, q, k] bool mask from validity, packing segments and causality."""
+  mask = q_valid[:, None, :, None] & k_valid[:, None, None, :]
+  if q_segments is not None:
+    mask &= q_segments[:, None, :, None] == k_segments[:, None, None, :]
+  if causal:
+    q_len, k_len = q_valid.shape[-1], k_valid.shape[-1]
+    mask &= jnp.tril(jnp.ones((q_len, k_len), jnp.bool_))[None, None]
+  return mask
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, deterministic: bool = True):
+    cfg = self.config
+    valid = tokens > 0
+    mask = attention_mask(valid, valid, segment_ids, segment_ids)
+    bias = RelativePositionBiases(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+        cfg.num_heads, jnp.float32, name='relpos_bias')(
+            tokens.shape[-1], tokens.shape[-1], bidirectional=True)
+    bias = bias + _mask_to_bias(mask)
+    x = self.shared_embedding(tokens)
+    x = _residual_dropout(cfg)(x, deterministic=deterministic)
+    x = _constrain(x, ('batch', 'length', 'embed'))
+    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(3,))
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, bias, deterministic)
+    x = RMSNorm(cfg.activation_dtype, name='encoder_norm')(x)
+    return _residual_dropout(cfg)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, encoder_tokens, decoder_input_tokens,
+               decoder_target_tokens=None, encoder_segment_ids=None,
+               decoder_segment_ids=None, deterministic: bool = True, decode: bool = False,
+               max_decode_length: Optional[int] = None):
+    cfg = self.config
+    relpos = RelativePositionBiases(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+        cfg.num_heads, jnp.float32, name='relpos_bias')
+    enc_valid = encoder_tokens > 0
+    decode_position = None
+    if decode:
+      # The stack keeps the position of the next token; layers write their caches there.
+      initialized = self.has_variable('cache', 'position')
+      position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+    if decode and initialized:
+      if max_decode_length is None:
+        raise ValueError('decoding one token needs max_decode_length: the length the '
+                         'cache was created with')
+      decode_position = position.value
+      max_len = max_decode_length
+      k_valid = jnp.arange(max_len)[None, :] <= decode_position
+      self_mask = k_valid[:, None, None, :]
+      self_bias = relpos(1, max_len, bidirectional=False, q_position=decode_position)
+      self_bias = self_bias + _mask_to_bias(self_mask)
+      cross_mask = enc_valid[:, None, None, :]
+      position.value = decode_position + 1
+    else:
+      targets = decoder_input_tokens if decoder_target_tokens is None else decoder_target_tokens
+      dec_valid = targets > 0 if decoder_target_tokens is not None else jnp.ones_like(
+          targets, jnp.bool_)
+      self_mask = attention_mask(dec_valid, dec_valid, decoder_segment_ids,
+                                 decoder_segment_ids, causal=True)
+      length = decoder_input_tokens.shape[-1]
+      self_bias = relpos(length, length, bidirectional=False) + _mask_to_bias(self_mask)
+      cross_mask = attention_mask(dec_valid, enc_valid, decoder_segment_ids,
+                                  encoder_segment_ids)
+    cross_bias = _mask_to_bias(cross_mask)
+
+    x = self.shared_embedding(decoder_input_tokens)
+    x = _residual_dropout(cfg)(x, deterministic=deterministic)
+    x = _constrain(x, ('batch', 'length', 'embed'))
+    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(5, 6))
+    for i in range(cfg.num_decoder_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, encoded, self_bias, cross_bias,
+                                              deterministic, decode, decode_position)
+    x = RMSNorm(cfg.activation_dtype, name='decoder_norm')(x)
+    x = _residual_dropout(cfg)(x, deterministic=deterministic)
+    if cfg.logits_via_embedding:
+      # Tied output layer: T5 1.0 rescales by 1/sqrt(d_model) before the shared embedding.
+      logits = self.shared_embedding.attend(x) / np.sqrt(x.shape[-1]).astype(np.float32)
+    else:
+      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.activation_dtype,
+                     output_dtype=jnp.float32, name='logits_dense')(x)
+    return _constrain(logits, ('batch', 'length', 'vocab'))
+
+
+class Transformer(nn.Module):
+  """The T5 encoder-decoder. Logits come out in float32."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=False):
+    return self.encoder(encoder_input_tokens, encoder_segment_ids,
+                        deterministic=not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
+             decoder_target_tokens=None, encoder_segment_ids=None, decoder_segment_ids=None,
+             enable_dropout=False, decode=False, max_decode_length=None):
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
+                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                        deterministic=not enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, enable_dropout=False):
+    del encoder_positions, decoder_positions  # relative attention needs no positions
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       enable_dropout)

@@ -1,0 +1,240 @@
+"""Train state and the jitted, partitioned train and eval steps.
+
+The train step is compiled once with explicit in/out shardings and donates the old state, so
+parameters and optimizer state are updated in place. Gradient accumulation over microbatches
+runs inside the step (`lax.scan`). Dropout randomness is `fold_in(base_rng, step)`, so a resumed
+run draws exactly the masks an uninterrupted one would. Nothing in the step talks to the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import struct
+from jax.sharding import PartitionSpec
+
+from t5tpu import partitioning as partitioning_lib
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+  def state_dict(self, optimizer_def) -> dict:
+    """The t5x layout: {'target': params, 'state': {'step', 'param_states'}}."""
+    return {'target': self.params,
+            'state': {'step': self.step,
+                      'param_states': optimizer_def.state_to_dict(self.opt_state)}}
+
+  def restore_state_dict(self, state_dict, optimizer_def) -> 'TrainState':
+    """A new TrainState from a state dict, using `self` as the structural template."""
+    step = state_dict['state']['step']
+    opt_state = optimizer_def.state_from_dict(self.opt_state,
+                                              state_dict['state']['param_states'], step)
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=state_dict['target'],
+                      opt_state=opt_state)
+
+
+@dataclasses.dataclass
+class StateLayout:
+  """Abstract shapes, logical specs and shardings of a TrainState."""
+  abstract: TrainState  # ShapeDtypeStructs
+  logical_specs: TrainState  # params: logical PartitionSpecs; opt_state: derived
+  shardings: TrainState  # NamedShardings
+
+  def abstract_with_shardings(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract, self.shardings)
+
+
+def _is_spec(x):
+  return isinstance(x, PartitionSpec)
+
+
+class Trainer:
+  """Builds the state layout and the compiled steps for one model on one mesh."""
+
+  def __init__(self, model, partitioner: partitioning_lib.PjitPartitioner,
+               learning_rate_fn, num_microbatches: Optional[int] = None,
+               input_shapes: Optional[Mapping[str, tuple]] = None):
+    self.model = model
+    self.partitioner = partitioner
+    self.learning_rate_fn = learning_rate_fn
+    self.num_microbatches = num_microbatches or 1
+    self.optimizer_def = model.optimizer_def
+    self.tx = self.optimizer_def.make(learning_rate_fn)
+    self.input_shapes = dict(input_shapes or {})
+    self.layout = self._make_layout()
+    self._train_step = None
+    self._eval_step = None
+
+  # ----------------------------------------------------------------------- layout
+  def _make_layout(self) -> StateLayout:
+    shapes = self.input_shapes
+    with self.partitioner.context():
+      boxed = self.model.abstract_variables(shapes)['params']
+    logical = nn.get_partition_spec(boxed)
+    abstract_params = nn.unbox(boxed)
+    param_mesh_specs = jax.tree.map(self.partitioner.mesh_spec, logical, is_leaf=_is_spec)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    opt_mesh_specs = self.optimizer_def.state_partition_specs(param_mesh_specs,
+                                                              abstract_params)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                          opt_state=abstract_opt)
+    mesh_specs = TrainState(step=PartitionSpec(), params=param_mesh_specs,
+                            opt_state=opt_mesh_specs)
+    shardings = jax.tree.map(self.partitioner.sharding, mesh_specs, is_leaf=_is_spec)
+    logical_specs = TrainState(step=PartitionSpec(), params=logical, opt_state=opt_mesh_specs)
+    return StateLayout(abstract, logical_specs, shardings)
+
+  def init_state(self, rng) -> TrainState:
+    """Parameters and optimizer state created directly in their shards (no host copy)."""
+    def init(rng):
+      params = self.model.init_params(rng, self.input_shapes)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self.tx.init(params))
+    with self.partitioner.context():
+      return jax.jit(init, out_shardings=self.layout.shardings)(rng)
+
+  def state_from_params(self, params, step: int = 0) -> TrainState:
+    """A fresh optimizer state around given (already sharded or host) parameters."""
+    params = jax.device_put(params, self.layout.shardings.params)
+    with self.partitioner.context():
+      opt_state = jax.jit(self.tx.init, out_shardings=self.layout.shardings.opt_state)(params)
+    step = jax.device_put(jnp.asarray(step, jnp.int32), self.layout.shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+  # ----------------------------------------------------------------------- steps
+  def batch_shardings(self, batch_spec: Mapping[str, Any]):
+    return {k: self.partitioner.data_sharding(len(v.shape)) for k, v in batch_spec.items()}
+
+  def _grads_and_metrics(self, params, batch, dropout_rng):
+    normalizer, weights = self.model.loss_normalizer(batch)
+    batch = {**batch, 'decoder_loss_weights': weights}
+    grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
+    k = self.num_microbatches
+    if k == 1:
+      (_, metrics), grads = grad_fn(params, batch, dropout_rng, normalizer)
+      return grads, metrics
+
+    def split(x):  # [b, ...] -> [k, b/k, ...]; each microbatch takes a slice of every shard
+      b = x.shape[0]
+      if b % k:
+        raise ValueError(f'batch size {b} is not divisible by num_microbatches={k}')
+      x = x.reshape((b // k, k) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, inputs):
+      grads_acc, metrics_acc = carry
+      i, mb = inputs
+      mb = jax.tree.map(lambda x: nn.with_logical_constraint(
+          x, ('batch',) + (None,) * (x.ndim - 1)), mb)
+      (_, metrics), grads = grad_fn(params, mb, jax.random.fold_in(dropout_rng, i),
+                                    normalizer)
+      return (jax.tree.map(jnp.add, grads_acc, grads),
+              jax.tree.map(jnp.add, metrics_acc, metrics)), None
+
+    zeros_grads = jax.tree.map(jnp.zeros_like, params)
+    metric_shapes = jax.eval_shape(
+        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), dropout_rng,
+                        normalizer)[0][1])
+    zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    (grads, metrics), _ = jax.lax.scan(body, (zeros_grads, zeros_metrics),
+                                       (jnp.arange(k), micro))
+    return grads, metrics
+
+  def _train_step_fn(self, state: TrainState, batch, base_rng):
+    dropout_rng = jax.random.fold_in(base_rng, state.step)
+    grads, metrics = self._grads_and_metrics(state.params, batch, dropout_rng)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def compile_train_step(self, batch_spec: Mapping[str, Any]):
+    """jit with explicit shardings; the old state's buffers are donated to the new one."""
+    rng_sharding = self.partitioner.sharding(PartitionSpec())
+    return jax.jit(self._train_step_fn,
+                   in_shardings=(self.layout.shardings, self.batch_shardings(batch_spec),
+                                 rng_sharding),
+                   out_shardings=(self.layout.shardings, rng_sharding),
+                   donate_argnums=(0,))
+
+  def train_step(self, state: TrainState, batch, base_rng):
+    if self._train_step is None:
+      self._train_step = self.compile_train_step(batch)
+    with self.partitioner.context():
+      return self._train_step(state, batch, base_rng)
+
+  def eval_step(self, params, batch):
+    """Teacher-forced metric sums for one batch (no dropout)."""
+    if self._eval_step is None:
+      self._eval_step = jax.jit(
+          self.model.eval_fn,
+          in_shardings=(self.layout.shardings.params, self.batch_shardings(batch)),
+          out_shardings=self.partitioner.sharding(PartitionSpec()))
+    with self.partitioner.context():
+      return self._eval_step(params, batch)
+
+
+# --------------------------------------------------------------------------- throughput
+
+def train_flops_per_example(cfg, input_length: int, target_length: int) -> float:
+  """Model FLOPs of one training example (forward + backward = 6 x multiply-accumulates).
+
+  Follows the count in ../shared/reference/anchors.md: projections, FFN, attention scores and
+  values, cross-attention keys/values per input token, and the logits layer.
+  """
+  d, inner, ff, vocab = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  n_ffn = len(cfg.mlp_activations) + 1  # wi (or wi_0, wi_1) and wo
+  ti, to = input_length, target_length
+  enc = cfg.num_encoder_layers * ti * (4 * d * inner + n_ffn * d * ff + 2 * ti * inner)
+  dec = cfg.num_decoder_layers * (
+      to * (4 * d * inner + 2 * d * inner + n_ffn * d * ff + 2 * to * inner + 2 * ti * inner)
+      + ti * 2 * d * inner)
+  logits = to * d * vocab
+  return 6.0 * (enc + dec + logits)
+
+
+# Dense bf16 peak per jax device (a TPU v2/v3 device is one core, half a chip).
+_PEAK_FLOPS = {
+    'tpu v2': 46e12 / 2, 'tpu v3': 123e12 / 2, 'tpu v4': 275e12, 'tpu v5 lite': 197e12,
+    'tpu v5e': 197e12, 'tpu v5p': 459e12, 'tpu v5': 459e12, 'tpu v6 lite': 918e12,
+    'tpu v6e': 918e12, 'h100': 989e12, 'h200': 989e12, 'a100': 312e12, 'l4': 121e12,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops_per_device(device_kind: str, platform: str) -> Optional[float]:
+  """Peak FLOP/s of one device: a table for accelerators, a short measurement for CPUs."""
+  kind = device_kind.lower()
+  for name, flops in _PEAK_FLOPS.items():
+    if name in kind:
+      return flops
+  if platform == 'cpu':
+    return _measure_cpu_matmul_flops()
+  return None
+
+
+def _measure_cpu_matmul_flops() -> float:
+  """CPU 'peak': float32 matmul throughput of this machine (the best of a few runs)."""
+  import time
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  best = float('inf')
+  for _ in range(5):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best

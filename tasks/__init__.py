@@ -1,0 +1,1 @@
+"""seqio task registrations for t5tpu: import a module to register its tasks."""

@@ -1,0 +1,124 @@
+"""The network's parameter tree, logical axes and sizes match t5x."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import serialization, traverse_util
+
+from t5tpu import model_shapes, network
+
+FIXTURE = '../shared/fixtures/t5x/test_t5_tiny.checkpoint_0'
+
+
+def abstract_params(cfg, enc_len=8, dec_len=4):
+  model = network.Transformer(cfg)
+  ones = lambda n: jnp.ones((2, n), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ones(enc_len),
+                                           ones(dec_len)))['params']
+
+
+def flat_shapes(boxed):
+  return {k: v.shape for k, v in traverse_util.flatten_dict(nn.unbox(boxed), sep='/').items()}
+
+
+def fixture_path():
+  import os
+  here = os.path.dirname(__file__)
+  return os.path.join(here, '..', '..', 'shared', 'fixtures', 't5x', 'test_t5_tiny.checkpoint_0')
+
+
+def test_t5_1_1_tree_equals_t5x_fixture():
+  cfg = model_shapes.named_configs()['t5_1_1/tiny']
+  ours = flat_shapes(abstract_params(cfg))
+  with open(fixture_path(), 'rb') as f:
+    ckpt = serialization.msgpack_restore(f.read())
+  theirs = {k: v.shape for k, v in
+            traverse_util.flatten_dict(ckpt['optimizer']['target'], sep='/').items()}
+  assert ours == theirs
+
+
+def test_t5_1_0_tree():
+  cfg = model_shapes.named_configs()['t5_1_0/small']
+  names = set(flat_shapes(abstract_params(cfg)))
+  assert 'encoder/layers_0/mlp/wi/kernel' in names
+  assert 'decoder/layers_5/encoder_decoder_attention/out/kernel' in names
+  assert 'decoder/logits_dense/kernel' not in names  # logits via the shared embedding
+  assert not any('wi_0' in n for n in names)
+  assert 'encoder/relpos_bias/rel_embedding' in names
+  assert 'decoder/relpos_bias/rel_embedding' in names
+  assert not any('layers_0/relpos' in n for n in names)  # one table per stack
+
+
+def test_logical_axes():
+  cfg = model_shapes.named_configs()['t5_1_1/tiny']
+  specs = traverse_util.flatten_dict(nn.get_partition_spec(abstract_params(cfg)), sep='/')
+  expect = {
+      'token_embedder/embedding': ('vocab', 'embed'),
+      'encoder/layers_0/attention/query/kernel': ('embed', 'joined_kv'),
+      'encoder/layers_0/attention/out/kernel': ('joined_kv', 'embed'),
+      'decoder/layers_1/mlp/wi_0/kernel': ('embed', 'mlp'),
+      'decoder/layers_1/mlp/wo/kernel': ('mlp', 'embed'),
+      'decoder/logits_dense/kernel': ('embed', 'vocab'),
+      'encoder/relpos_bias/rel_embedding': ('heads', 'relpos_buckets'),
+      'encoder/encoder_norm/scale': ('embed',),
+  }
+  for name, axes in expect.items():
+    assert tuple(specs[name]) == axes, name
+
+
+# Published sizes (t5x.md): T5 1.0 and T5.1.1 parameter counts.
+EXPECTED_COUNTS = {
+    't5_1_0/small': 60.5e6, 't5_1_0/base': 223e6, 't5_1_0/large': 738e6,
+    't5_1_0/3B': 2.85e9, 't5_1_0/11B': 11.3e9,
+    't5_1_1/small': 77e6, 't5_1_1/base': 248e6, 't5_1_1/large': 783e6,
+    't5_1_1/xl': 2.85e9, 't5_1_1/xxl': 11.1e9,
+}
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED_COUNTS))
+def test_parameter_counts(name):
+  cfg = model_shapes.named_configs()[name]
+  count = sum(int(np.prod(s)) for s in flat_shapes(abstract_params(cfg)).values())
+  print(f'{name}: {count:,} parameters')
+  assert abs(count - EXPECTED_COUNTS[name]) / EXPECTED_COUNTS[name] < 0.006, count
+
+
+def test_exact_counts_from_t5x():
+  # t5x.md gives these exactly for T5.1.1 small and base.
+  for name, exact in (('t5_1_1/small', 76_961_152), ('t5_1_1/base', 247_577_856),
+                      ('t5_1_1/large', 783_150_080)):
+    cfg = model_shapes.named_configs()[name]
+    assert sum(int(np.prod(s)) for s in flat_shapes(abstract_params(cfg)).values()) == exact
+
+
+def test_relative_position_bucket_numpy_and_jax_agree():
+  rel = np.arange(-300, 300)[None, :]
+  for bidirectional in (True, False):
+    a = network.relative_position_bucket(rel, bidirectional, 32, 128, np)
+    b = network.relative_position_bucket(jnp.asarray(rel), bidirectional, 32, 128, jnp)
+    np.testing.assert_array_equal(a, np.asarray(b))
+  # Encoder: 16 buckets per direction; exact for |d| < 8, capped at the last bucket.
+  enc = network.relative_position_bucket(np.array([0, 1, 7, -1, 500, -500]), True, 32, 128)
+  assert enc.tolist() == [0, 16 + 1, 16 + 7, 1, 31, 15]
+
+
+def test_packed_segments_do_not_attend_across():
+  """Two examples packed in one row give the same logits as each alone."""
+  cfg = network.T5Config(vocab_size=50, dtype='float32', emb_dim=16, num_heads=2, head_dim=8,
+                         num_encoder_layers=1, num_decoder_layers=1, mlp_dim=32,
+                         dropout_rate=0.0)
+  model = network.Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(1), jnp.ones((1, 8), jnp.int32),
+                      jnp.ones((1, 6), jnp.int32))['params']
+  e1, e2 = [5, 6, 7, 1], [8, 9, 1]
+  t1, t2 = [11, 12, 1], [13, 1]
+  shift = lambda t: [0] + t[:-1]
+  packed = model.apply({'params': params},
+                       jnp.array([e1 + e2 + [0]]), jnp.array([shift(t1) + shift(t2) + [0]]),
+                       jnp.array([t1 + t2 + [0]]),
+                       encoder_segment_ids=jnp.array([[1] * 4 + [2] * 3 + [0]]),
+                       decoder_segment_ids=jnp.array([[1] * 3 + [2] * 2 + [0]]))
+  alone = model.apply({'params': params}, jnp.array([e2]), jnp.array([shift(t2)]),
+                      jnp.array([t2]))
+  np.testing.assert_allclose(packed[0, 3:5], alone[0], atol=1e-5)
