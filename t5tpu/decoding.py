@@ -227,11 +227,12 @@ def predict(model, params, batch: Mapping[str, Any], rng=None, *,
   return (seqs, scores) if return_scores else seqs
 
 
-def make_predict_fn(model, trainer, **decode_kwargs) -> Callable:
+def make_predict_fn(model, trainer, replicate_outputs: bool = False,
+                    **decode_kwargs) -> Callable:
   """A jitted `fn(params, batch, rng) -> (tokens, scores)`, partitioned like training.
 
   Compiled once per batch shape; params keep the training layout, the batch is split over
-  the mesh's data axis.
+  the mesh's data axis. `replicate_outputs` gives every host all the outputs (evaluation).
   """
   from jax.sharding import PartitionSpec
 
@@ -246,7 +247,8 @@ def make_predict_fn(model, trainer, **decode_kwargs) -> Callable:
       cache[key] = jax.jit(
           fn, in_shardings=(trainer.layout.shardings.params, trainer.batch_shardings(batch),
                             trainer.partitioner.sharding(PartitionSpec())),
-          out_shardings=trainer.partitioner.sharding(PartitionSpec('data')))
+          out_shardings=trainer.partitioner.sharding(
+              PartitionSpec() if replicate_outputs else PartitionSpec('data')))
     with trainer.partitioner.context():
       return cache[key](params, batch, rng)
   return call
