@@ -168,6 +168,15 @@ def _architecture_hints(model_names, ckpt_names) -> list:
   return hints
 
 
+def _listing(items, limit: int = 20) -> list:
+  """Indented lines, shallow names first (the embedding says more than layer 7's kernel)."""
+  items = sorted(items, key=lambda item: (item[0].count('/'), item[0]))
+  lines = [f'    {text}' for _, text in items[:limit]]
+  if len(items) > limit:
+    lines.append(f'    ... and {len(items) - limit} more')
+  return lines
+
+
 def check_compatible(model_shapes_flat: dict, ckpt_flat: dict, skipped=(), strict=True,
                      fallback_to_scratch=False, path: str = '',
                      describe_flat: Optional[dict] = None) -> list:
@@ -190,13 +199,13 @@ def check_compatible(model_shapes_flat: dict, ckpt_flat: dict, skipped=(), stric
   lines = [f'checkpoint {path} does not fit the configured model:']
   if wrong:
     lines.append(f'  {len(wrong)} parameter(s) with different shapes (checkpoint vs model):')
-    lines += [f'    {n}: {c} vs {m}' for n, c, m in wrong[:30]]
+    lines += _listing([(n, f'{n}: {c} vs {m}') for n, c, m in wrong])
   if missing:
     lines.append(f'  {len(missing)} model parameter(s) missing from the checkpoint:')
-    lines += [f'    {n}' for n in missing[:30]]
+    lines += _listing([(n, n) for n in missing])
   if unexpected:
     lines.append(f'  {len(unexpected)} checkpoint parameter(s) the model does not have:')
-    lines += [f'    {n}' for n in unexpected[:30]]
+    lines += _listing([(n, n) for n in unexpected])
   lines.append('  the checkpoint looks like: '
                f'{describe_checkpoint_model(describe_flat or ckpt_flat)}')
   lines.append(f'  the configured model is:   {describe_checkpoint_model(model_shapes_flat)}')
@@ -207,6 +216,11 @@ def check_compatible(model_shapes_flat: dict, ckpt_flat: dict, skipped=(), stric
                'missing ones). If MODEL_DIR holds checkpoints of another model, use a fresh '
                'MODEL_DIR (resume takes MODEL_DIR before INITIAL_CHECKPOINT_PATH).')
   raise CheckpointMismatchError('\n'.join(lines))
+
+
+def _as(value, dtype) -> np.ndarray:
+  """numpy in `dtype`, without a host copy when it already is (device_put copies anyway)."""
+  return np.asarray(value).astype(dtype, copy=False)
 
 
 def _strip(flat: dict, prefix: str) -> dict:
@@ -251,9 +265,8 @@ def state_from_state_dict(state_dict: dict, trainer, restore_cfg=None, path: str
     init_params = _flat(jax.device_get(trainer.init_state(jax.random.PRNGKey(0)).params))
   flat = {}
   for name, a in abstract_flat.items():
-    value = np.asarray(ckpt_params[name]) if name in ckpt_params else np.asarray(
-        init_params[name])
-    flat[name] = value.astype(restore_dtype or a.dtype)
+    value = ckpt_params[name] if name in ckpt_params else init_params[name]
+    flat[name] = _as(value, restore_dtype or a.dtype)
   params = traverse_util.unflatten_dict(flat, sep='/')
   state = trainer.state_from_params(params, step=step)
 
@@ -266,15 +279,17 @@ def state_from_state_dict(state_dict: dict, trainer, restore_cfg=None, path: str
   for name, ref in fresh_opt.items():
     value = ckpt_slots.get(name)
     if hasattr(ref, 'shape') and value is not None and np.shape(value) == ref.shape:
-      merged[name] = jax.device_put(np.asarray(value, ref.dtype), ref.sharding)
+      merged[name] = jax.device_put(_as(value, ref.dtype), ref.sharding)
       restored += 1
     else:
       merged[name] = ref
   state = state.restore_state_dict(
       {'target': state.params,
-       'state': {'step': state.step,
-                 'param_states': traverse_util.unflatten_dict(merged, sep='/')}},
+       'state': {'step': step, 'param_states': traverse_util.unflatten_dict(merged, sep='/')}},
       trainer.optimizer_def)
+  # The step counters (TrainState.step, Adafactor's count) become separate buffers on the
+  # mesh: the train step donates the state, and one buffer cannot be donated twice.
+  state = jax.device_put(state, layout.shardings)
   n_slots = sum(hasattr(r, 'shape') for r in fresh_opt.values())
   if restored:
     log.info('restored %d of %d optimizer state arrays from the checkpoint', restored, n_slots)
