@@ -19,6 +19,7 @@ public checkpoint (--params_only leaves the optimizer state out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -66,7 +67,7 @@ def config_from_gin(spec: str) -> network.T5Config:
   key = spec[:-len('.gin')] if spec.endswith('.gin') else spec
   key = key.split('models/', 1)[-1]
   if key in named:
-    return named[key]
+    return _without_macros(named[key])
   if not os.path.exists(spec):
     raise FileNotFoundError(f'--model_gin={spec}: neither a file nor one of {sorted(named)}')
   fields = {}
@@ -76,6 +77,13 @@ def config_from_gin(spec: str) -> network.T5Config:
         isinstance(v, str) and v.startswith('%')):
       fields[k] = tuple(v) if k == 'mlp_activations' else v
   return network.T5Config(**fields)
+
+
+def _without_macros(cfg: network.T5Config) -> network.T5Config:
+  """Fields a gin file leaves to a macro (DROPOUT_RATE = %gin.REQUIRED) take the default."""
+  defaults = {f.name: f.default for f in dataclasses.fields(network.T5Config)}
+  return dataclasses.replace(cfg, **{k: defaults[k] for k, v in dataclasses.asdict(cfg).items()
+                                     if isinstance(v, str) and v.startswith('%')})
 
 
 def read(path: str, model_gin: Optional[str] = None):

@@ -152,7 +152,8 @@ def config_to_hf(cfg: network.T5Config, dtype: str = 'float32') -> dict:
       'num_heads': cfg.num_heads,
       'relative_attention_num_buckets': cfg.relative_attention_num_buckets,
       'relative_attention_max_distance': cfg.relative_attention_max_distance,
-      'dropout_rate': cfg.dropout_rate,
+      'dropout_rate': (cfg.dropout_rate if isinstance(cfg.dropout_rate, (int, float))
+                       else 0.1),  # a gin macro, e.g. '%DROPOUT_RATE': HF's default
       'layer_norm_epsilon': 1e-6,
       'initializer_factor': 1.0,
       'feed_forward_proj': proj,
