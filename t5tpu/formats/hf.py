@@ -87,9 +87,9 @@ def config_from_hf(hf: dict, dtype: str = 'bfloat16') -> tuple[network.T5Config,
   the output layer (T5 1.0). Whether the output layer is `shared` itself depends on the
   weights too; see `read`.
   """
-  if hf.get('model_type', 't5') != 't5':
-    raise ValueError(f"model_type {hf.get('model_type')!r}: only T5 (model_type 't5') "
-                     'checkpoints are supported')
+  if hf.get('model_type', 't5') not in ('t5', 'mt5'):  # mT5 is T5 1.1 with a larger vocab
+    raise ValueError(f"model_type {hf.get('model_type')!r}: only T5 checkpoints (model_type "
+                     "'t5' or 'mt5') are supported")
   proj = hf.get('feed_forward_proj', 'relu')
   parts = proj.split('-')
   gated = parts[0] == 'gated' and len(parts) == 2
