@@ -170,7 +170,7 @@ def write(state: dict, cfg: network.T5Config, to: str, to_format: str, *,
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog='t5tpu convert', description=__doc__.split('\n\n')[0],
+      prog='t5tpu convert', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   p.add_argument('--from', dest='source', required=True,
                  help='checkpoint or MODEL_DIR (local or gs://)')

@@ -1,6 +1,5 @@
 """INITIAL_CHECKPOINT_PATH: the fixture restores with its Adafactor state and training goes on;
 dtype and assignment maps; one clear error for each way a checkpoint can misfit the model."""
-import os
 
 import jax
 import numpy as np
