@@ -46,12 +46,13 @@ class RestoreCheckpointConfig:
   restore_dataset: bool = True
   mode: str = 'specific'  # eval/infer: 'specific' (path is a checkpoint), 'latest' or 'all'
                           # (path is a MODEL_DIR)
-  # Regex (pattern, replacement) pairs over '/'-joined parameter names: a parameter of the
-  # model named P takes the checkpoint's re.sub(pattern, replacement, P); replacement None
-  # leaves P at its fresh initial value.
+  # t5x's regex (pattern, replacement) pairs over full state-dict names
+  # ('target/encoder/layers_0/...', 'state/param_states/...'): a model name the pattern fully
+  # matches takes the checkpoint's match.expand(replacement); replacement None leaves it at
+  # its fresh initial value. A pattern that matches nothing is an error, as in t5x.
   assignment_map: Optional[Sequence[tuple]] = None
   fallback_to_scratch: bool = False  # parameters absent from the checkpoint keep init values
-  strict: bool = True
+  strict: bool = True  # False: checkpoint parameters the model lacks are ignored
 
 
 @dataclasses.dataclass

@@ -73,46 +73,118 @@ def read_state_dict(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- matching
+#
+# Names are t5x's full state-dict names, as in t5x's assignment maps and error messages:
+# 'target/encoder/layers_0/attention/query/kernel', 'state/param_states/.../v_row', 'state/step'.
+
+TARGET = 'target/'
+PARAM_STATES = 'state/param_states/'
+
 
 def _flat(tree) -> dict:
   return traverse_util.flatten_dict(tree, sep='/') if tree else {}
 
 
-def apply_assignment_map(model_names, ckpt_flat: dict, assignment_map) -> tuple[dict, list]:
-  """Model name -> checkpoint value under t5x's regex assignment map.
+def apply_assignment_map(model_names, ckpt_flat: dict, assignment_map) -> tuple:
+  """t5x's regex assignment map: which checkpoint value each model name takes.
 
-  Returns the mapped values and the names to leave at their initial values (replacement None).
+  Each model name takes the first (pattern, replacement) whose pattern *fully* matches it:
+  the checkpoint's `match.expand(replacement)` (so r'\1' groups work), or, for replacement
+  None, its fresh initial value. A name no pattern matches takes the checkpoint's value of the
+  same name, if any. Returns (values by model name, names left fresh, checkpoint names unused).
+  As in t5x, a pattern that matches nothing, or a replacement the checkpoint lacks, is an error.
   """
-  if not assignment_map:
-    return {n: ckpt_flat[n] for n in model_names if n in ckpt_flat}, []
-  mapped, skipped = {}, []
+  rules = [(re.compile(p), r) for p, r in (assignment_map or ())]
+  values, skipped, consumed, used = {}, [], set(), set()
   for name in model_names:
-    source = name
-    for pattern, replacement in assignment_map:
-      if re.search(pattern, name):
-        source = None if replacement is None else re.sub(pattern, replacement, name)
-        break
-    if source is None:
-      skipped.append(name)
-    elif source in ckpt_flat:
-      mapped[name] = ckpt_flat[source]
-  return mapped, skipped
+    for pattern, replacement in rules:
+      m = pattern.fullmatch(name)
+      if m is None:
+        continue
+      used.add(pattern.pattern)
+      if replacement is None:
+        skipped.append(name)
+      else:
+        source = m.expand(replacement)
+        if source not in ckpt_flat:
+          raise CheckpointMismatchError(
+              f'assignment_map: {pattern.pattern!r} assigns {source!r} to {name!r}, but the '
+              f'checkpoint has no {source!r}. Names are full state-dict names such as '
+              f"'target/encoder/layers_0/attention/query/kernel'.")
+        values[name] = ckpt_flat[source]
+        consumed.add(source)
+      break
+    else:
+      if name in ckpt_flat:
+        values[name] = ckpt_flat[name]
+        consumed.add(name)
+  unused = [p for p, _ in (assignment_map or ()) if p not in used]
+  if unused:
+    raise CheckpointMismatchError(
+        f'assignment_map: pattern(s) {unused} match no parameter of the model. Patterns must '
+        "match whole state-dict names, e.g. r'target/decoder/logits_dense/kernel' or "
+        r"r'(.*)/layers_1/(.*)'.")
+  return values, skipped, [n for n in ckpt_flat if n not in consumed]
 
 
 def describe_checkpoint_model(flat_params: dict) -> str:
-  """A guess at the model a parameter dict belongs to, e.g. 't5_1_1 base (...)'."""
+  """A guess at the model a parameter dict belongs to, e.g. 't5_1_1/base (...)'."""
   from t5tpu import model_shapes
   try:
     cfg = model_shapes.config_from_param_shapes(
-        {k: tuple(np.shape(v)) for k, v in flat_params.items()})
-  except (KeyError, ValueError, IndexError) as e:
+        {k: _shape(v) for k, v in flat_params.items()})
+  except KeyError as e:
+    return f'not a complete T5 (it has no {e.args[0]})'
+  except (ValueError, IndexError, TypeError) as e:
     return f'(could not infer its shape: {e})'
   return model_shapes.describe(cfg)
 
 
+def _shape(value) -> tuple:
+  """The shape of an array, or a shape given as a tuple."""
+  return tuple(value) if isinstance(value, tuple) else tuple(np.shape(value))
+
+
+def _architecture_hints(model_names, ckpt_names) -> list:
+  """What to change when the checkpoint is the other T5 generation (t5x #1196)."""
+  model_names, ckpt_names = set(model_names), set(ckpt_names)
+  logits = 'decoder/logits_dense/kernel'
+  hints = []
+  if logits in ckpt_names and logits not in model_names:
+    hints.append('the checkpoint has a separate output layer (decoder/logits_dense: T5 1.1, '
+                 'Flan-T5) but the model computes logits through the embedding (T5 1.0): '
+                 'set T5Config.logits_via_embedding = False, or use a t5_1_1 model gin')
+  if logits in model_names and logits not in ckpt_names:
+    hints.append('the checkpoint computes logits through its embedding (T5 1.0) but the '
+                 'model has decoder/logits_dense (T5 1.1): set '
+                 'T5Config.logits_via_embedding = True, or use a t5_1_0 model gin')
+  has = lambda names, w: any(f'/mlp/{w}/' in n for n in names)
+  if has(ckpt_names, 'wi_0') and has(model_names, 'wi'):
+    hints.append("the checkpoint's FFN is gated (mlp/wi_0, wi_1: T5 1.1): set "
+                 "T5Config.mlp_activations = ('gelu', 'linear')")
+  if has(ckpt_names, 'wi') and has(model_names, 'wi_0'):
+    hints.append("the checkpoint's FFN is not gated (mlp/wi: T5 1.0): set "
+                 "T5Config.mlp_activations = ('relu',)")
+  return hints
+
+
+def _listing(items, limit: int = 20) -> list:
+  """Indented lines, shallow names first (the embedding says more than layer 7's kernel)."""
+  items = sorted(items, key=lambda item: (item[0].count('/'), item[0]))
+  lines = [f'    {text}' for _, text in items[:limit]]
+  if len(items) > limit:
+    lines.append(f'    ... and {len(items) - limit} more')
+  return lines
+
+
 def check_compatible(model_shapes_flat: dict, ckpt_flat: dict, skipped=(), strict=True,
-                     fallback_to_scratch=False, path: str = '') -> list:
-  """Raises one CheckpointMismatchError listing every mismatch; returns names to init fresh."""
+                     fallback_to_scratch=False, path: str = '',
+                     describe_flat: Optional[dict] = None) -> list:
+  """Raises one CheckpointMismatchError listing every mismatch; returns names to init fresh.
+
+  Both dicts are keyed by parameter name ('encoder/layers_0/...'); `describe_flat` (default:
+  ckpt_flat) is what the error's "the checkpoint looks like" is inferred from.
+  """
   missing = [n for n in model_shapes_flat if n not in ckpt_flat and n not in skipped]
   unexpected = [n for n in ckpt_flat if n not in model_shapes_flat] if strict else []
   wrong = [(n, tuple(np.shape(ckpt_flat[n])), tuple(model_shapes_flat[n]))
@@ -127,69 +199,112 @@ def check_compatible(model_shapes_flat: dict, ckpt_flat: dict, skipped=(), stric
   lines = [f'checkpoint {path} does not fit the configured model:']
   if wrong:
     lines.append(f'  {len(wrong)} parameter(s) with different shapes (checkpoint vs model):')
-    lines += [f'    {n}: {c} vs {m}' for n, c, m in wrong[:30]]
+    lines += _listing([(n, f'{n}: {c} vs {m}') for n, c, m in wrong])
   if missing:
     lines.append(f'  {len(missing)} model parameter(s) missing from the checkpoint:')
-    lines += [f'    {n}' for n in missing[:30]]
+    lines += _listing([(n, n) for n in missing])
   if unexpected:
     lines.append(f'  {len(unexpected)} checkpoint parameter(s) the model does not have:')
-    lines += [f'    {n}' for n in unexpected[:30]]
-  lines.append(f'  the checkpoint looks like: {describe_checkpoint_model(ckpt_flat)}')
-  model_desc = describe_checkpoint_model(model_shapes_flat)
-  lines.append(f'  the configured model is:   {model_desc}')
+    lines += _listing([(n, n) for n in unexpected])
+  lines.append('  the checkpoint looks like: '
+               f'{describe_checkpoint_model(describe_flat or ckpt_flat)}')
+  lines.append(f'  the configured model is:   {describe_checkpoint_model(model_shapes_flat)}')
+  lines += [f'  hint: {h}' for h in _architecture_hints(model_shapes_flat, ckpt_flat)]
   lines.append('  fix: include the model gin that matches the checkpoint (gin/models/...), '
-               'or map names with RestoreCheckpointConfig.assignment_map. If MODEL_DIR holds '
-               'checkpoints of another model, use a fresh MODEL_DIR (resume takes MODEL_DIR '
-               'before INITIAL_CHECKPOINT_PATH).')
+               'or map names with RestoreCheckpointConfig.assignment_map (strict=False '
+               'ignores extra checkpoint parameters, fallback_to_scratch=True initializes '
+               'missing ones). If MODEL_DIR holds checkpoints of another model, use a fresh '
+               'MODEL_DIR (resume takes MODEL_DIR before INITIAL_CHECKPOINT_PATH).')
   raise CheckpointMismatchError('\n'.join(lines))
 
 
-def state_from_state_dict(state_dict: dict, trainer, restore_cfg=None, path: str = ''):
-  """Matches a numpy state dict to the trainer's model and places it on the mesh."""
-  restore_cfg = restore_cfg or ckpt_lib.RestoreCheckpointConfig()
+def _as(value, dtype) -> np.ndarray:
+  """numpy in `dtype`, without a host copy when it already is (device_put copies anyway)."""
+  return np.asarray(value).astype(dtype, copy=False)
+
+
+def _strip(flat: dict, prefix: str) -> dict:
+  return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def _match_params(state_dict: dict, trainer, restore_cfg, path: str, with_optimizer: bool):
+  """Model parameters (numpy, nested) from a state dict, after the assignment map and the
+  compatibility check; also the assigned values by full name (optimizer slots included when
+  `with_optimizer`)."""
   layout = trainer.layout
   abstract_flat = _flat(layout.abstract.params)
-  model_shape_flat = {k: v.shape for k, v in abstract_flat.items()}
-  ckpt_flat = _flat(state_dict['target'])
-  mapped, skipped = apply_assignment_map(list(abstract_flat), ckpt_flat,
-                                         restore_cfg.assignment_map)
-  if restore_cfg.assignment_map:
-    ckpt_view = dict(mapped)
-    strict = False  # the map decides what is used
-  else:
-    ckpt_view, strict = ckpt_flat, restore_cfg.strict
-  fresh = check_compatible(model_shape_flat, ckpt_view, skipped, strict,
-                           restore_cfg.fallback_to_scratch, path)
-  step = int(np.asarray(state_dict.get('state', {}).get('step', 0)))
-
+  model_shape_flat = {k: tuple(v.shape) for k, v in abstract_flat.items()}
+  model_names = [TARGET + n for n in abstract_flat]
+  if with_optimizer:
+    abstract_opt = _flat(layout.abstract.state_dict(trainer.optimizer_def)['state']
+                         ['param_states'])
+    model_names += [PARAM_STATES + n for n, a in abstract_opt.items() if hasattr(a, 'shape')]
+  ckpt_full = _flat(state_dict)
+  if not with_optimizer:
+    ckpt_full = {k: v for k, v in ckpt_full.items() if k.startswith(TARGET)}
+  values, skipped, unused = apply_assignment_map(model_names, ckpt_full,
+                                                 restore_cfg.assignment_map)
+  ckpt_params = _strip(values, TARGET)
+  # Checkpoint parameters nothing took: "extra" unless strict=False.
+  extra = {n: ckpt_full[TARGET + n] for n in _strip(dict.fromkeys(unused), TARGET)
+           if n not in model_shape_flat}
+  ckpt_view = {**extra, **ckpt_params}
+  fresh = check_compatible(model_shape_flat, ckpt_view,
+                           [n[len(TARGET):] for n in skipped if n.startswith(TARGET)],
+                           restore_cfg.strict, restore_cfg.fallback_to_scratch, path,
+                           describe_flat=_flat(state_dict.get('target')))
+  restore_dtype = jnp.dtype(restore_cfg.dtype) if restore_cfg.dtype else None
   if fresh:
     log.info('%d parameter(s) keep their initial values: %s', len(fresh), fresh[:10])
     init_params = _flat(jax.device_get(trainer.init_state(jax.random.PRNGKey(0)).params))
   flat = {}
   for name, a in abstract_flat.items():
-    value = np.asarray(ckpt_view[name]) if name in ckpt_view else init_params[name]
-    if restore_cfg.dtype:
-      value = np.asarray(jnp.asarray(value).astype(restore_cfg.dtype))
-    flat[name] = value.astype(a.dtype)
-  params = traverse_util.unflatten_dict(flat, sep='/')
+    value = ckpt_params[name] if name in ckpt_params else init_params[name]
+    flat[name] = _as(value, restore_dtype or a.dtype)
+  return traverse_util.unflatten_dict(flat, sep='/'), values
+
+
+def state_from_state_dict(state_dict: dict, trainer, restore_cfg=None, path: str = ''):
+  """Matches a numpy state dict to the trainer's model and places it on the mesh.
+
+  Parameters: by name after the assignment map; every mismatch in one error. dtype: the
+  restored parameters are cast to it (t5x's restore dtype; None keeps the model's float32).
+  Optimizer state: each parameter's slots are restored when the checkpoint has them in this
+  optimizer's layout (t5x's Adafactor, for every public checkpoint), else start at zero; the
+  optimizer's step counter is the checkpoint's step either way, as in t5x.
+  """
+  restore_cfg = restore_cfg or ckpt_lib.RestoreCheckpointConfig()
+  layout = trainer.layout
+  params, values = _match_params(state_dict, trainer, restore_cfg, path, with_optimizer=True)
+  step = int(np.asarray(state_dict.get('state', {}).get('step', 0)))
   state = trainer.state_from_params(params, step=step)
 
-  param_states = state_dict.get('state', {}).get('param_states')
-  if param_states and not fresh and not restore_cfg.assignment_map:
-    opt_dict = state.state_dict(trainer.optimizer_def)['state']['param_states']
-    want = _flat(jax.tree.map(lambda x: x.shape, opt_dict))
-    have = _flat(jax.tree.map(lambda x: np.shape(x), param_states))
-    if want == have:
-      restored = jax.device_put(
-          jax.tree.map(lambda x, ref: np.asarray(x).astype(ref.dtype), param_states, opt_dict),
-          jax.tree.map(lambda x: x.sharding, opt_dict))
-      state = state.restore_state_dict(
-          {'target': state.params, 'state': {'step': state.step, 'param_states': restored}},
-          trainer.optimizer_def)
-      log.info('restored the optimizer state from the checkpoint')
+  # Optimizer state: slot by slot, where the checkpoint has it with this optimizer's shapes.
+  fresh_opt = traverse_util.flatten_dict(
+      state.state_dict(trainer.optimizer_def)['state']['param_states'], sep='/',
+      keep_empty_nodes=True)
+  ckpt_slots = _strip(values, PARAM_STATES)
+  restored, merged = 0, {}
+  for name, ref in fresh_opt.items():
+    value = ckpt_slots.get(name)
+    if hasattr(ref, 'shape') and value is not None and np.shape(value) == ref.shape:
+      merged[name] = jax.device_put(_as(value, ref.dtype), ref.sharding)
+      restored += 1
     else:
-      log.info('the checkpoint optimizer state does not match this optimizer: starting a '
-               'fresh optimizer state')
+      merged[name] = ref
+  state = state.restore_state_dict(
+      {'target': state.params,
+       'state': {'step': step, 'param_states': traverse_util.unflatten_dict(merged, sep='/')}},
+      trainer.optimizer_def)
+  # The step counters (TrainState.step, Adafactor's count) become separate buffers on the
+  # mesh: the train step donates the state, and one buffer cannot be donated twice.
+  state = jax.device_put(state, layout.shardings)
+  n_slots = sum(hasattr(r, 'shape') for r in fresh_opt.values())
+  if restored:
+    log.info('restored %d of %d optimizer state arrays from the checkpoint', restored, n_slots)
+  elif state_dict.get('state', {}).get('param_states'):
+    log.info('the checkpoint optimizer state does not match this optimizer: starting a '
+             'fresh optimizer state')
   return state
 
 
@@ -214,17 +329,9 @@ def load_params(path: str, trainer, restore_cfg=None):
       return ckpt_lib.cast_params(params, restore_cfg.dtype)
     except (ValueError, KeyError) as e:  # shape or name mismatch: explain it below
       log.info('direct restore failed (%s); checking names and shapes', e)
-  state_dict = read_state_dict(path)
-  ckpt_flat = _flat(state_dict['target'])
-  abstract_flat = _flat(layout.abstract.params)
-  mapped, skipped = apply_assignment_map(list(abstract_flat), ckpt_flat,
-                                         restore_cfg.assignment_map)
-  view = mapped if restore_cfg.assignment_map else ckpt_flat
-  check_compatible({k: v.shape for k, v in abstract_flat.items()}, view, skipped,
-                   restore_cfg.strict and not restore_cfg.assignment_map, False, path)
-  flat = {k: np.asarray(view[k]).astype(a.dtype) for k, a in abstract_flat.items()}
-  params = jax.device_put(traverse_util.unflatten_dict(flat, sep='/'), layout.shardings.params)
-  return ckpt_lib.cast_params(params, restore_cfg.dtype)
+  params, _ = _match_params(read_state_dict(path), trainer, restore_cfg, path,
+                           with_optimizer=False)
+  return jax.device_put(params, layout.shardings.params)
 
 
 def checkpoint_step(path: str) -> int:

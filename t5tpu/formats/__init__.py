@@ -1,0 +1,85 @@
+"""Checkpoint interop: read public T5 checkpoints, write ones t5x and Hugging Face can load.
+
+Every reader returns t5x's state dict, the one layout the rest of t5tpu understands:
+
+  {'target': {...params, t5x names...},
+   'state': {'step': int, 'param_states': {...Adafactor v_row/v_col/v/m...}}}
+
+with numpy leaves and `param_states` only where the checkpoint has an optimizer state.
+
+  t5x_legacy   msgpack `checkpoint` file + gzip zarr folders (every public gs://.../t5x/ model)
+  t5x_orbax    checkpoint_N/state, what t5x's train() and t5tpu write today
+  mtf          Mesh-TensorFlow model.ckpt-N (gs://t5-data/pretrained_models/{small,...,11B})
+  hf           transformers T5ForConditionalGeneration (config.json + safetensors / .bin)
+  convert      the `t5tpu convert` command
+
+Format detection lives in t5tpu.initial_checkpoint.detect_format.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional
+
+import numpy as np
+from flax import traverse_util
+
+SEP = '/'
+
+
+def flatten(tree) -> dict:
+  """{'a': {'b': x}} -> {'a/b': x} (empty subtrees vanish)."""
+  return traverse_util.flatten_dict(tree, sep=SEP) if tree else {}
+
+
+def unflatten(flat: Mapping) -> dict:
+  return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def make_state_dict(target: dict, step: int = 0, param_states: Optional[dict] = None) -> dict:
+  state = {'step': int(step)}
+  if param_states:
+    state['param_states'] = param_states
+  return {'target': target, 'state': state}
+
+
+def cast_floating(tree, dtype: Optional[str]):
+  """Casts floating leaves (numpy) to dtype ('float32', 'bfloat16'); others stay."""
+  if dtype is None:
+    return tree
+  dt = np.dtype(_dtype(dtype))
+
+  def cast(x):
+    x = np.asarray(x)
+    return x.astype(dt) if _is_floating(x.dtype) and x.dtype != dt else x
+  return traverse_util.unflatten_dict(
+      {k: cast(v) for k, v in traverse_util.flatten_dict(tree).items()}) if tree else tree
+
+
+def _dtype(name):
+  import jax.numpy as jnp  # knows 'bfloat16' (via ml_dtypes)
+  return jnp.dtype(name)
+
+
+def _is_floating(dtype) -> bool:
+  import jax.numpy as jnp
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+def infer_config(flat_param_shapes: Mapping[str, tuple], **overrides):
+  """The T5Config a parameter tree implies, including the relative-attention bucket count."""
+  from t5tpu import model_shapes
+  cfg = model_shapes.config_from_param_shapes(flat_param_shapes)
+  buckets = flat_param_shapes['encoder/relpos_bias/rel_embedding'][1]
+  return dataclasses.replace(cfg, relative_attention_num_buckets=int(buckets), **overrides)
+
+
+def model_param_shapes(cfg) -> dict:
+  """{'/'-name: shape} of the network `cfg` describes (abstract: nothing is allocated)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from t5tpu import network
+  ones = jnp.ones((1, 4), jnp.int32)
+  variables = jax.eval_shape(
+      lambda: network.Transformer(cfg).init(jax.random.PRNGKey(0), ones, ones))
+  return {k: tuple(v.shape) for k, v in flatten(nn.unbox(variables['params'])).items()}

@@ -1,0 +1,205 @@
+"""`t5tpu convert`: checkpoints from any supported format to Hugging Face, legacy T5X or orbax.
+
+  t5tpu convert --from=/runs/qa --to=/export/qa-hf --to_format=hf
+  t5tpu convert --from=gs://t5-data/pretrained_models/t5.1.1.small/model.ckpt-1000000 \\
+      --to=/ckpts/t5_1_1_small --to_format=orbax
+  t5tpu convert --from=/export/flan-t5-base --to=/ckpts/flan --to_format=t5x_legacy
+
+--from is anything INITIAL_CHECKPOINT_PATH accepts (T5X checkpoint_N dir or msgpack file,
+orbax checkpoint_N, MTF model.ckpt-N or its directory, HF model dir), or a MODEL_DIR, whose
+latest checkpoint is taken. The model's shape comes from the HF config.json, else from
+--model_gin (a gin file or a name such as t5_1_1/base), else from the parameter shapes
+(gated FFN => T5 1.1's gated GELU, else ReLU; relative attention max distance 128).
+
+--to for t5x_legacy and orbax is either a checkpoint_<step> directory or a MODEL_DIR that
+receives checkpoint_<step>. Writing them keeps the Adafactor state when the source has one
+and otherwise adds t5x's zero Adafactor state, so t5x restores the result as it restores a
+public checkpoint (--params_only leaves the optimizer state out).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from t5tpu import initial_checkpoint, model_shapes, network, storage
+from t5tpu.formats import cast_floating, flatten, infer_config, model_param_shapes, unflatten
+
+log = logging.getLogger('t5tpu.convert')
+FORMATS = ('hf', 't5x_legacy', 'orbax')
+_STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def resolve_source(path: str) -> str:
+  """A checkpoint path; for a MODEL_DIR holding checkpoint_<N> dirs, the newest readable one."""
+  path = path.rstrip('/')
+  try:
+    initial_checkpoint.detect_format(path)
+    return path
+  except FileNotFoundError:
+    if not storage.isdir(path):
+      raise
+  steps = sorted((int(m.group(1)), name) for name in storage.listdir(path)
+                 for m in [_STEP_DIR.match(name.rstrip('/'))] if m)
+  for _, name in reversed(steps):
+    candidate = storage.join(path, name.rstrip('/'))
+    try:
+      initial_checkpoint.detect_format(candidate)
+    except FileNotFoundError:
+      continue  # an unfinished save
+    log.info('%s is a model directory: using its latest checkpoint, %s', path, name)
+    return candidate
+  raise FileNotFoundError(f'{path} holds no checkpoint (and no checkpoint_<step> directory)')
+
+
+def config_from_gin(spec: str) -> network.T5Config:
+  """T5Config of a model gin: a name ('t5_1_1/base'), a gin/ path or any gin file."""
+  from t5tpu.gin_utils import gin_config_dir
+  named = model_shapes.named_configs()
+  key = spec[:-len('.gin')] if spec.endswith('.gin') else spec
+  key = key.split('models/', 1)[-1]
+  if key in named:
+    return _without_macros(named[key])
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f'--model_gin={spec}: neither a file nor one of {sorted(named)}')
+  fields = {}
+  # model_shapes' text reader: no gin state, includes resolved against gin/
+  for k, v in model_shapes._read_bindings(spec, gin_config_dir()).items():  # pylint: disable=protected-access
+    if k in network.T5Config.__dataclass_fields__ and not (
+        isinstance(v, str) and v.startswith('%')):
+      fields[k] = tuple(v) if k == 'mlp_activations' else v
+  return network.T5Config(**fields)
+
+
+def _without_macros(cfg: network.T5Config) -> network.T5Config:
+  """Fields a gin file leaves to a macro (DROPOUT_RATE = %gin.REQUIRED) take the default."""
+  defaults = {f.name: f.default for f in dataclasses.fields(network.T5Config)}
+  return dataclasses.replace(cfg, **{k: defaults[k] for k, v in dataclasses.asdict(cfg).items()
+                                     if isinstance(v, str) and v.startswith('%')})
+
+
+def read(path: str, model_gin: Optional[str] = None):
+  """(state dict, T5Config, source path) of any supported checkpoint."""
+  src = resolve_source(path)
+  kind = initial_checkpoint.detect_format(src)
+  cfg = None
+  if kind == 'hf':
+    from t5tpu.formats import hf
+    state, cfg = hf.read_with_config(src)
+  else:
+    state = initial_checkpoint.read_state_dict(src)
+  if model_gin:
+    cfg = config_from_gin(model_gin)
+  elif cfg is None:
+    cfg = infer_config({k: np.shape(v) for k, v in flatten(state['target']).items()})
+  # The one mismatch error of INITIAL_CHECKPOINT_PATH, if the gin does not fit.
+  initial_checkpoint.check_compatible(model_param_shapes(cfg), flatten(state['target']),
+                                      path=src)
+  return state, cfg, src
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def adafactor_zeros(params: dict) -> dict:
+  """t5x's initial Adafactor state (default factoring) for `params`, as numpy zeros."""
+  from t5tpu import optimizers
+  opt = optimizers.Adafactor()
+
+  def one(p):
+    shape = np.shape(p)
+    slots = {k: np.zeros((1,), np.float32) for k in ('m', 'v', 'v_col', 'v_row')}
+    dims = opt.factored_dims(shape)
+    if dims is None:
+      slots['v'] = np.zeros(shape, np.float32)
+    else:
+      d_row, d_col = dims
+      slots['v_row'] = np.zeros(np.delete(shape, d_col), np.float32)
+      slots['v_col'] = np.zeros(np.delete(shape, d_row), np.float32)
+    return slots
+  return unflatten({k: one(v) for k, v in flatten(params).items()})
+
+
+def _step_dir(path: str, step: int) -> str:
+  path = path.rstrip('/')
+  m = _STEP_DIR.match(os.path.basename(path))
+  if m:
+    if int(m.group(1)) != step:
+      raise ValueError(f'--to={path} names step {m.group(1)}; the checkpoint is at {step}')
+    return path
+  return storage.join(path, f'checkpoint_{step}')
+
+
+def write(state: dict, cfg: network.T5Config, to: str, to_format: str, *,
+          dtype: Optional[str] = None, params_only: bool = False,
+          zarr_min_bytes: Optional[int] = None, overwrite: bool = False) -> str:
+  """Writes a state dict in `to_format`; returns the path written."""
+  if to_format not in FORMATS:
+    raise ValueError(f'to_format={to_format!r}: choose one of {FORMATS}')
+  target = cast_floating(state['target'], dtype)  # like t5x's save dtype: parameters only
+  if to_format == 'hf':
+    from t5tpu.formats import hf
+    if storage.exists(storage.join(to, hf.CONFIG_NAME)) and not overwrite:
+      raise FileExistsError(f'{to} already holds a Hugging Face model (--overwrite replaces it)')
+    return hf.write(to, target, cfg)
+  step = int(state.get('state', {}).get('step', 0))
+  param_states = None if params_only else state.get('state', {}).get('param_states')
+  if param_states is None and not params_only:
+    log.info('the source has no optimizer state: adding the zero Adafactor state t5x starts '
+             'from (use --params_only to leave it out)')
+    param_states = adafactor_zeros(target)
+  out = {'target': target, 'state': {'step': step}}
+  if param_states:
+    out['state']['param_states'] = param_states
+  if to_format == 't5x_legacy':
+    from t5tpu.formats import t5x_legacy
+    kwargs = {} if zarr_min_bytes is None else {'zarr_min_bytes': zarr_min_bytes}
+    return t5x_legacy.write(_step_dir(to, step), out, overwrite=overwrite, **kwargs)
+  from t5tpu.formats import t5x_orbax
+  return t5x_orbax.write(to, out)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog='t5tpu convert', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+  p.add_argument('--from', dest='source', required=True,
+                 help='checkpoint or MODEL_DIR (local or gs://)')
+  p.add_argument('--to', required=True, help='output directory (local or gs://)')
+  p.add_argument('--to_format', required=True, choices=FORMATS)
+  p.add_argument('--model_gin', default=None,
+                 help="model shape: a gin file or name (e.g. t5_1_1/base); default: from "
+                      'config.json (HF) or the parameter shapes')
+  p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
+                 help='cast the parameters (optimizer state is kept as is)')
+  p.add_argument('--params_only', action='store_true',
+                 help='T5X/orbax output without optimizer state')
+  p.add_argument('--zarr_min_bytes', type=int, default=None,
+                 help='t5x_legacy: arrays at least this big go to zarr folders '
+                      '(0: all; default 64 KiB)')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing output')
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  state, cfg, src = read(args.source, args.model_gin)
+  out = write(state, cfg, args.to, args.to_format, dtype=args.dtype,
+              params_only=args.params_only, zarr_min_bytes=args.zarr_min_bytes,
+              overwrite=args.overwrite)
+  step = int(state.get('state', {}).get('step', 0))
+  print(f'{src} -> {out} ({args.to_format}, step {step}): {model_shapes.describe(cfg)}')
+
+
+if __name__ == '__main__':
+  main()

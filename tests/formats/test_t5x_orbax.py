@@ -1,0 +1,56 @@
+"""Orbax-format t5x checkpoints (checkpoint_N/state), as t5x's train() writes them."""
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from t5tpu import checkpoints, initial_checkpoint
+from t5tpu.formats import t5x_legacy, t5x_orbax
+from tests.formats import common
+
+
+@pytest.fixture(scope='module')
+def fixture_state():
+  return t5x_legacy.read(common.fixture_path())
+
+
+def t5x_style_save(model_dir, state, use_ocdbt):
+  """What t5x's OrbaxCheckpointManagerInterface does: the state dict as item `state`."""
+  tree = {'target': state['target'],
+          'state': {'step': np.asarray(state['state']['step'], np.int32),
+                    'param_states': state['state']['param_states']}}
+  manager = ocp.CheckpointManager(
+      str(model_dir),
+      options=ocp.CheckpointManagerOptions(step_prefix='checkpoint', create=True,
+                                           enable_async_checkpointing=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)})
+  manager.save(state['state']['step'], args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree)))
+  manager.close()
+  return str(model_dir / f"checkpoint_{state['state']['step']}")
+
+
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'per_array'])
+def test_reads_t5x_orbax_checkpoint(tmp_path, fixture_state, use_ocdbt):
+  state = dict(fixture_state, state=dict(fixture_state['state'], step=1000))
+  path = t5x_style_save(tmp_path, state, use_ocdbt)
+  assert initial_checkpoint.detect_format(path) == 'orbax'
+  common.assert_trees_equal(initial_checkpoint.read_state_dict(path)['target'], state['target'])
+  again = t5x_orbax.read(path)
+  assert again['state']['step'] == 1000
+  common.assert_trees_equal(again, state)
+
+
+def test_written_checkpoint_resumes_in_t5tpu(tmp_path, fixture_state):
+  out = t5x_orbax.write(str(tmp_path / 'run'), fixture_state)
+  assert out == str(tmp_path / 'run' / 'checkpoint_0')
+  common.assert_trees_equal(t5x_orbax.read(out), fixture_state)
+  # a MODEL_DIR t5tpu resumes from: state and (empty) dataset items
+  trainer = common.make_trainer(common.named('t5_1_1/tiny', dtype='float32'))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), trainer.optimizer_def,
+                                  checkpoints.SaveCheckpointConfig(async_save=False))
+  state, dataset = ckpt.restore(0, trainer.layout.abstract, trainer.layout.shardings)
+  ckpt.close()
+  assert dataset == {}
+  common.assert_trees_equal(jax.device_get(state.params), fixture_state['target'])
+  with pytest.raises(ValueError, match='names step 7'):
+    t5x_orbax.write(str(tmp_path / 'other' / 'checkpoint_7'), fixture_state)
