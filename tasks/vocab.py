@@ -13,9 +13,10 @@ Change it in gin with either binding (the first one wins):
 so overriding the model's vocabulary also changes the tasks' one.
 
 Tasks are registered when their module is imported, which in a gin file happens in the middle
-of parsing, before later bindings and `--gin.` flags exist. So tasks hold a
-`DefaultVocabulary()`, which asks `default_vocabulary()` only on first use (after gin has been
+of parsing, before later bindings and `--gin.` flags exist. So tasks hold DEFAULT_VOCABULARY, a
+`DefaultVocabulary()` that asks `default_vocabulary()` only on first use (after gin has been
 parsed) and from then on is that SentencePieceVocabulary, equal to it in seqio's eyes.
+(`DEFAULT_VOCABULARY.reset()` makes it ask again, e.g. in a notebook that re-parses gin.)
 """
 from __future__ import annotations
 
