@@ -44,6 +44,8 @@ class RestoreCheckpointConfig:
   path: Optional[str] = None  # INITIAL_CHECKPOINT_PATH: a checkpoint dir or a model file
   dtype: Optional[str] = None  # cast restored parameters: None, 'float32' or 'bfloat16'
   restore_dataset: bool = True
+  mode: str = 'specific'  # eval/infer: 'specific' (path is a checkpoint), 'latest' or 'all'
+                          # (path is a MODEL_DIR)
   # Regex (pattern, replacement) pairs over '/'-joined parameter names: a parameter of the
   # model named P takes the checkpoint's re.sub(pattern, replacement, P); replacement None
   # leaves P at its fresh initial value.
@@ -149,6 +151,22 @@ def _abstract_state_dict(template_state, shardings, optimizer_def):
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           template_state, shardings)
   return abstract.state_dict(optimizer_def)
+
+
+def restore_params(path: str, abstract_params):
+  """Only the parameters of an orbax checkpoint dir, straight into their shardings.
+
+  `abstract_params` are ShapeDtypeStructs with shardings; the optimizer state is not read.
+  """
+  checkpointer = ocp.PyTreeCheckpointer()
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      abstract_params)
+  restored = checkpointer.restore(
+      storage.orbax_path(storage.join(path, 'state')),
+      args=ocp.args.PyTreeRestore(item={'target': abstract_params},
+                                  restore_args={'target': restore_args}, partial_restore=True))
+  return restored['target']
 
 
 def read_state_dict(path: str, abstract_dict=None):

@@ -58,9 +58,20 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[List[str], List[str]]:
   return bindings, rest
 
 
-def parse_flags(argv: Sequence[str], description: str):
+def parse_flags(argv: Sequence[str], description: str, macro_flags=None):
+  """Flags -> args; `macro_flags` {'--input_file': ('INPUT_FILE', str)} become gin macros."""
   bindings, rest = split_gin_flags(list(argv))
-  args = build_parser(description).parse_args(rest)
+  parser = build_parser(description)
+  for flag, (macro, kind) in (macro_flags or {}).items():
+    if kind is bool:
+      parser.add_argument(flag, action='store_true', default=None, help=f'sets {macro}')
+    else:
+      parser.add_argument(flag, type=kind, default=None, help=f'sets {macro}')
+  args = parser.parse_args(rest)
+  for flag, (macro, kind) in (macro_flags or {}).items():
+    value = getattr(args, flag.lstrip('-'))
+    if value is not None:
+      bindings.append(f'{macro} = {value!r}')
   args.gin_bindings = list(args.gin_bindings) + bindings
   return args
 
@@ -82,14 +93,14 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   gin.finalize()
 
 
-def setup(argv: Sequence[str], description: str):
+def setup(argv: Sequence[str], description: str, macro_flags=None):
   """Logging, flags, optional multi-process init and gin; returns the parsed flags."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       stream=sys.stderr, force=True)
   for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  args = parse_flags(argv, description)
+  args = parse_flags(argv, description, macro_flags)
   if not args.gin_file:
     raise SystemExit('give at least one --gin_file (e.g. --gin_file=runs/finetune.gin)')
   from t5tpu import distributed

@@ -196,3 +196,38 @@ def state_from_state_dict(state_dict: dict, trainer, restore_cfg=None, path: str
 def load(path: str, trainer, restore_cfg=None):
   """INITIAL_CHECKPOINT_PATH -> TrainState on the trainer's mesh."""
   return state_from_state_dict(read_state_dict(path), trainer, restore_cfg, path)
+
+
+def load_params(path: str, trainer, restore_cfg=None):
+  """Only the parameters of a checkpoint (any format), placed in the trainer's layout.
+
+  For evaluation and inference: the optimizer state is never read or allocated. Orbax
+  checkpoints are restored straight into their shards.
+  """
+  restore_cfg = restore_cfg or ckpt_lib.RestoreCheckpointConfig()
+  layout = trainer.layout
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          layout.abstract.params, layout.shardings.params)
+  if detect_format(path) == 'orbax' and not restore_cfg.assignment_map:
+    try:
+      params = ckpt_lib.restore_params(path.rstrip('/'), abstract)
+      return ckpt_lib.cast_params(params, restore_cfg.dtype)
+    except (ValueError, KeyError) as e:  # shape or name mismatch: explain it below
+      log.info('direct restore failed (%s); checking names and shapes', e)
+  state_dict = read_state_dict(path)
+  ckpt_flat = _flat(state_dict['target'])
+  abstract_flat = _flat(layout.abstract.params)
+  mapped, skipped = apply_assignment_map(list(abstract_flat), ckpt_flat,
+                                         restore_cfg.assignment_map)
+  view = mapped if restore_cfg.assignment_map else ckpt_flat
+  check_compatible({k: v.shape for k, v in abstract_flat.items()}, view, skipped,
+                   restore_cfg.strict and not restore_cfg.assignment_map, False, path)
+  flat = {k: np.asarray(view[k]).astype(a.dtype) for k, a in abstract_flat.items()}
+  params = jax.device_put(traverse_util.unflatten_dict(flat, sep='/'), layout.shardings.params)
+  return ckpt_lib.cast_params(params, restore_cfg.dtype)
+
+
+def checkpoint_step(path: str) -> int:
+  """The step a checkpoint path names (checkpoint_<N> or model.ckpt-<N>), else 0."""
+  m = re.search(r'(?:checkpoint_|ckpt-)(\d+)/?$', path)
+  return int(m.group(1)) if m else 0

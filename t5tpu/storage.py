@@ -97,11 +97,14 @@ def write_text(path: str, text: str) -> None:
 
 
 def remove_tree(path: str) -> None:
+  """Removes a file or a directory tree (or the objects under a gs:// prefix)."""
   if is_remote(path):
     if _gcs().exists(path):
       _gcs().rm(path, recursive=True)
-  elif os.path.exists(path):
+  elif os.path.isdir(path):
     shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
 
 
 def orbax_path(path: str):

@@ -1,29 +1,56 @@
-"""TensorBoard scalars (tensorboardX: local dirs and gs:// alike) written by process 0 only."""
+"""Training scalars: TensorBoard events (tensorboardX: local and gs:// alike) and a JSONL copy.
+
+Process 0 writes. `metrics.jsonl` (one {"step": ..., name: value} object per logged step) is
+the same data in a form scripts and the demo's plots read without TensorBoard. It is rewritten
+whole at most every `flush_secs` (object stores cannot append), so it never holds a torn line.
+"""
 from __future__ import annotations
 
+import json
+import time
 from typing import Mapping
 
 from t5tpu import distributed, storage
 
 
 class SummaryWriter:
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, flush_secs: float = 30.0, jsonl: bool = True):
     self._writer = None
+    self._jsonl_path = storage.join(logdir, 'metrics.jsonl') if jsonl else None
+    self._rows: dict = {}  # step -> JSON line
+    self._flush_secs = flush_secs
+    self._last_flush = time.monotonic()
     if distributed.is_primary():
       from tensorboardX import SummaryWriter as _Writer
       storage.makedirs(logdir)
-      self._writer = _Writer(logdir=logdir, flush_secs=30)
+      self._writer = _Writer(logdir=logdir, flush_secs=int(flush_secs))
+      if self._jsonl_path and storage.exists(self._jsonl_path):
+        for line in storage.read_text(self._jsonl_path).splitlines():  # a resumed run
+          if line.strip():
+            self._rows[json.loads(line).get('step')] = line
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._writer is None:
       return
     for name, value in values.items():
       self._writer.add_scalar(name, float(value), global_step=step)
+    if self._jsonl_path:
+      # A resumed run may replay steps after the last checkpoint: keep the newest values.
+      self._rows[int(step)] = json.dumps({'step': int(step),
+                                          **{k: float(v) for k, v in values.items()}})
+      if time.monotonic() - self._last_flush > self._flush_secs:
+        self.flush()
 
   def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    if self._writer is None:
+      return
+    self._writer.flush()
+    if self._jsonl_path and self._rows:
+      lines = [self._rows[k] for k in sorted(self._rows)]
+      storage.write_text(self._jsonl_path, '\n'.join(lines) + '\n')
+    self._last_flush = time.monotonic()
 
   def close(self) -> None:
     if self._writer is not None:
+      self.flush()
       self._writer.close()

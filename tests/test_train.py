@@ -86,6 +86,10 @@ def test_train_steps_semantics(tmp_path, copy_task, caplog):
   assert int(state.step) == 5
   files = set(os.listdir(tmp_path / 'r'))
   assert {'checkpoint_3', 'checkpoint_5', 'model-info.txt', 'train'} <= files
+  # keep=1 leaves only the newest checkpoint.
+  run(tmp_path / 'r', 7, checkpoint_cfg=checkpoints.CheckpointConfig(
+      save=checkpoints.SaveCheckpointConfig(period=1, keep=1)))
+  assert checkpoints.all_steps(str(tmp_path / 'r')) == [7]
   info = (tmp_path / 'r' / 'model-info.txt').read_text()
   assert 'encoder/layers_0/attention/query/kernel' in info and "axes=('embed', 'joined_kv')" in info
 
@@ -127,3 +131,33 @@ def test_cli_with_gin_flags(tmp_path, copy_task):
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'resumed from' in out.stderr
   assert checkpoints.all_steps(str(model_dir)) == [2, 4]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, copy_task):
+  import signal
+  import time
+  model_dir = tmp_path / 'pre'
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.getcwd(), str(tmp_path)])}
+  (tmp_path / 'cli_tasks.py').write_text(CLI_TASK_MODULE)
+  (tmp_path / 'user.gin').write_text(USER_GIN)
+  cmd = [sys.executable, '-m', 't5tpu.train', f'--gin_file={tmp_path / "user.gin"}',
+         f'--gin.MODEL_DIR="{model_dir}"', f'--gin.MIXTURE_OR_TASK_NAME="{tiny.COPY_TASK}"',
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}", '--gin.BATCH_SIZE=8',
+         '--gin.EVAL_PERIOD=None', '--gin.RANDOM_SEED=1', '--gin.CHECKPOINT_PERIOD=100000',
+         '--gin.TRAIN_STEPS=1000000']
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  while not (model_dir / 'config.gin').exists() and time.time() < deadline:
+    time.sleep(0.5)  # config.gin appears after the first step
+  time.sleep(2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'stopped by SIGTERM' in err
+  steps = checkpoints.all_steps(str(model_dir))
+  assert len(steps) == 1 and 0 < steps[0] < 1000000
+  out = subprocess.run(cmd[:-1] + [f'--gin.TRAIN_STEPS={steps[0] + 2}'], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert checkpoints.all_steps(str(model_dir)) == [steps[0], steps[0] + 2]

@@ -50,5 +50,9 @@ def register_copy_task(name: str = COPY_TASK, n_train: int = 512, n_valid: int =
       name, seqio.FunctionDataSource(dataset_fn, splits=list(splits)),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
       output_features={'inputs': seqio.Feature(vocab), 'targets': seqio.Feature(vocab)},
-      metric_fns=[])
+      metric_fns=[exact_match])
   return name
+
+
+def exact_match(targets, predictions):
+  return {'exact_match': 100.0 * float(np.mean([t == p for t, p in zip(targets, predictions)]))}

@@ -1,0 +1,152 @@
+"""Train-step throughput: t5tpu vs Hugging Face transformers (PyTorch) on the same workload.
+
+  python benchmarks/train_throughput.py --model t5_1_1/small --batch 8 --inputs 128 --targets 32
+
+Both sides train the same T5 shape on the same random token batches with Adafactor (t5x
+defaults on our side; transformers' Adafactor with a fixed learning rate on theirs), in the
+same process, on whatever device is there (CPU here; CUDA when a GPU is present). Prints a
+table of step time, tokens/s and MFU, with t5tpu / transformers ratios, and writes JSON.
+MFU = model FLOPs (6 x multiply-accumulates, anchors.md) / step time / peak FLOP/s; on CPU the
+"peak" is the measured float32 matmul throughput of this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--model', default='t5_1_1/small', help='a gin/models name')
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--inputs', type=int, default=128)
+  p.add_argument('--targets', type=int, default=32)
+  p.add_argument('--steps', type=int, default=5, help='timed steps after warm-up')
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--dtype', default='auto', help="activation dtype: float32, bfloat16, or "
+                 "auto (bfloat16 on accelerators, float32 on CPU)")
+  p.add_argument('--skip_hf', action='store_true')
+  p.add_argument('--torch_compile', action='store_true')
+  p.add_argument('--json', default=None, help='write results here')
+  return p.parse_args()
+
+
+def random_batch(rng, batch, inputs, targets, vocab):
+  enc = rng.randint(2, vocab, (batch, inputs)).astype(np.int32)
+  tgt = rng.randint(2, vocab, (batch, targets)).astype(np.int32)
+  dec = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
+  return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec,
+          'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones_like(tgt, np.float32)}
+
+
+def bench_t5tpu(cfg, args, batches):
+  import jax
+  from t5tpu import data, models, network, optimizers, partitioning, trainer
+  model = models.EncoderDecoderModel(module=network.Transformer(cfg),
+                                     optimizer_def=optimizers.Adafactor())
+  part = partitioning.PjitPartitioner()
+  shapes = {'encoder_input_tokens': (args.batch, args.inputs),
+            'decoder_input_tokens': (args.batch, args.targets)}
+  tr = trainer.Trainer(model, part, optimizers.create_learning_rate_scheduler(), None, shapes)
+  state = tr.init_state(jax.random.PRNGKey(0))
+  rng = jax.random.PRNGKey(1)
+  dev = [data.make_global_batch(b, tr.batch_shardings(b)) for b in batches]
+  times = []
+  for i in range(args.warmup + args.steps):
+    t0 = time.perf_counter()
+    state, metrics = tr.train_step(state, dev[i % len(dev)], rng)
+    jax.block_until_ready(metrics['loss'])
+    times.append(time.perf_counter() - t0)
+  # Per-token cross entropy, comparable with transformers' mean loss.
+  return times[args.warmup:], float(metrics['cross_ent_sum'] / metrics['weight_sum'])
+
+
+def bench_hf(cfg, args, batches):
+  import torch
+  import transformers
+  from transformers.optimization import Adafactor
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  hc = transformers.T5Config(
+      vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
+      num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+      num_heads=cfg.num_heads, dropout_rate=cfg.dropout_rate,
+      feed_forward_proj='gated-gelu' if len(cfg.mlp_activations) > 1 else 'relu',
+      tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0,
+      eos_token_id=1)
+  model = transformers.T5ForConditionalGeneration(hc).to(device).train()
+  opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
+                  warmup_init=False, clip_threshold=1.0, decay_rate=-0.8)
+  autocast = cfg.dtype == 'bfloat16'
+  if args.torch_compile:
+    model = torch.compile(model)
+  tb = [{k: torch.tensor(v).to(device) for k, v in b.items()} for b in batches]
+  times = []
+  for i in range(args.warmup + args.steps):
+    b = tb[i % len(tb)]
+    t0 = time.perf_counter()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      out = model(input_ids=b['encoder_input_tokens'].long(),
+                  attention_mask=(b['encoder_input_tokens'] > 0).long(),
+                  decoder_input_ids=b['decoder_input_tokens'].long(),
+                  labels=b['decoder_target_tokens'].long())
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss = float(out.loss.detach())
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    times.append(time.perf_counter() - t0)
+  return times[args.warmup:], loss
+
+
+def main():
+  args = parse()
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+  import dataclasses
+  import jax
+  from t5tpu import model_shapes, trainer
+  cfg = model_shapes.named_configs()[args.model]
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  dtype = args.dtype if args.dtype != 'auto' else ('float32' if on_cpu else 'bfloat16')
+  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=0.0)
+  rng = np.random.RandomState(0)
+  batches = [random_batch(rng, args.batch, args.inputs, args.targets, 32000) for _ in range(2)]
+  dev = jax.devices()[0]
+  peak = trainer.peak_flops_per_device(dev.device_kind, dev.platform)
+  flops = trainer.train_flops_per_example(cfg, args.inputs, args.targets) * args.batch
+  tokens = args.batch * (args.inputs + args.targets)
+
+  rows = {}
+  t, loss = bench_t5tpu(cfg, args, batches)
+  rows['t5tpu (jax)'] = (float(np.median(t)), loss)
+  if not args.skip_hf:
+    t, loss = bench_hf(cfg, args, batches)
+    rows['transformers' + (' + compile' if args.torch_compile else '')] = (float(np.median(t)),
+                                                                           loss)
+  print(f'\n{args.model} ({dtype}), batch {args.batch}, {args.inputs}/{args.targets} tokens, '
+        f'{dev.device_kind}; {flops / args.batch / 1e9:.2f} GFLOP per example; '
+        f'peak {peak / 1e12:.2f} TFLOP/s')
+  print(f"{'system':<26}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'loss/token':>11}")
+  base = rows['t5tpu (jax)'][0]
+  results = []
+  for name, (step, loss) in rows.items():
+    mfu = flops / step / peak if peak else float('nan')
+    print(f'{name:<26}{step:>10.3f}{tokens / step:>12.0f}{mfu:>8.1%}{loss:>11.3f}')
+    results.append({'system': name, 'step_seconds': step, 'tokens_per_second': tokens / step,
+                    'mfu': mfu, 'first_loss': loss})
+  if len(rows) > 1:
+    other = [v for k, v in rows.items() if k != 't5tpu (jax)'][0][0]
+    print(f'ratio t5tpu / transformers tokens/s: {other / base:.2f}x')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'args': vars(args), 'dtype': dtype, 'device': dev.device_kind,
+                 'results': results}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

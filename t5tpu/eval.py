@@ -1,0 +1,119 @@
+"""`t5tpu eval` / `python -m t5tpu.eval`: evaluate one, the latest, or every checkpoint.
+
+With t5x's eval.gin macros: CHECKPOINT_PATH (a checkpoint, or a MODEL_DIR for mode 'latest' or
+'all'), EVAL_OUTPUT_DIR, MIXTURE_OR_TASK_NAME, the split. Each checkpoint appends one row per
+task to EVAL_OUTPUT_DIR/inference_eval/<task>-metrics.jsonl (next to the predictions
+<task>-<step>.jsonl), so picking the best step is a glance at one file. Rerunning in mode 'all'
+skips steps already evaluated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+import jax
+
+from t5tpu import checkpoints as ckpt_lib
+from t5tpu import data as data_lib
+from t5tpu import distributed
+from t5tpu import evaluation
+from t5tpu import initial_checkpoint
+from t5tpu import models
+from t5tpu import partitioning
+from t5tpu import storage
+from t5tpu import trainer as trainer_lib
+
+log = logging.getLogger('t5tpu.eval')
+
+
+def checkpoints_to_evaluate(path: str, mode: str) -> list[tuple[int, str]]:
+  """[(step, checkpoint path)] for a restore mode."""
+  if mode == 'specific':
+    return [(initial_checkpoint.checkpoint_step(path), path)]
+  if mode not in ('latest', 'all'):
+    raise ValueError(f"RestoreCheckpointConfig.mode={mode!r}: use 'specific', 'latest' or "
+                     "'all'")
+  steps = ckpt_lib.all_steps(path)
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint_<step> in {path} (mode {mode!r} expects '
+                            'CHECKPOINT_PATH to be a MODEL_DIR)')
+  if mode == 'latest':
+    steps = steps[-1:]
+  return [(s, ckpt_lib.step_dir(path, s)) for s in steps]
+
+
+def _done_steps(output_dir: str, task_names) -> set:
+  done = None
+  for task in task_names:
+    path = storage.join(output_dir, 'inference_eval', f'{task}-metrics.jsonl')
+    steps = set()
+    if storage.exists(path):
+      steps = {json.loads(l)['step'] for l in storage.read_text(path).splitlines() if l}
+    done = steps if done is None else done & steps
+  return done or set()
+
+
+def evaluate(*,
+             model: models.EncoderDecoderModel,
+             dataset_cfg: data_lib.DatasetConfig,
+             restore_checkpoint_cfg: ckpt_lib.RestoreCheckpointConfig,
+             partitioner: partitioning.PjitPartitioner,
+             output_dir: str,
+             num_examples: Optional[int] = None,
+             decode_kwargs: Optional[dict] = None,
+             skip_evaluated: bool = True) -> dict:
+  """Returns {step: {task: {metric: value}}} for every checkpoint evaluated."""
+  import seqio
+  data_lib.import_task_module(dataset_cfg.module)
+  task = data_lib.get_task(dataset_cfg.mixture_or_task_name)
+  task_names = [t.name for t in task.tasks] if isinstance(task, seqio.Mixture) else [task.name]
+  batch = dataset_cfg.batch_size
+  partitioner.check_batch_size(batch)
+  shapes = {'encoder_input_tokens': (batch, 8), 'decoder_input_tokens': (batch, 8)}
+  trainer = trainer_lib.Trainer(model, partitioner, lambda _: 0.0, None, shapes)
+  evaluator = evaluation.InferenceEvaluator(model, trainer, dataset_cfg, output_dir,
+                                            num_examples=num_examples,
+                                            decode_kwargs=decode_kwargs)
+  todo = checkpoints_to_evaluate(restore_checkpoint_cfg.path, restore_checkpoint_cfg.mode)
+  done = _done_steps(output_dir, task_names) if skip_evaluated else set()
+  results = {}
+  for step, path in todo:
+    if step in done and restore_checkpoint_cfg.mode == 'all':
+      log.info('checkpoint_%d already evaluated; skipping', step)
+      continue
+    params = initial_checkpoint.load_params(path, trainer, restore_checkpoint_cfg)
+    results[step] = evaluator.evaluate(params, step)
+    del params
+  if distributed.is_primary() and results:
+    print(format_table(results), file=sys.stderr)
+  return results
+
+
+def format_table(results: dict) -> str:
+  """One line per (step, task) with its metrics, and the best step per metric."""
+  lines, best = [], {}
+  for step in sorted(results):
+    for task, metrics in sorted(results[step].items()):
+      lines.append(f'step {step:>9}  {task:<32} ' +
+                   '  '.join(f'{k}={v:.2f}' for k, v in sorted(metrics.items())))
+      for k, v in metrics.items():
+        if (task, k) not in best or v > best[(task, k)][1]:
+          best[(task, k)] = (step, v)
+  if len(results) > 1:
+    lines.append('best: ' + ', '.join(f'{t} {k} {v:.2f} @ step {s}'
+                                      for (t, k), (s, v) in sorted(best.items())))
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  import gin
+  from t5tpu import gin_utils
+  gin_utils.setup(argv, 'Evaluate checkpoints on a task split (t5x eval.gin macros).')
+  gin.get_configurable(evaluate)()
+
+
+if __name__ == '__main__':
+  from t5tpu import eval as _eval_module
+  _eval_module.main(sys.argv[1:])
