@@ -18,6 +18,17 @@ shipped as tasks/data/knowledge_spm.model (VOCAB_SIZE pieces: pad 0, EOS 1, UNK 
 sentinels), so the demo needs no download. Short token sequences are what make the tiny model
 learn fast: a question is ~10 pieces and an answer 1-3. `python -m tasks.knowledge` rebuilds
 the file (tests check that the shipped one matches the generator).
+
+Learnability (gin/examples/knowledge_tiny.gin: T5.1.1-style emb 128, 4 heads x 32, 2+2 layers,
+mlp 256, float32; batch 64, inputs 24 / targets 8 tokens, unpacked, Adafactor at a constant
+1e-2, from scratch; greedy decoding), measured on a shared 2-core CPU (load average 5-8):
+  steps  validation EM  paraphrase EM  whole `t5tpu.train` command
+     0         0.0            -
+    60        97.5          66.4          52 s
+   100        98.1-98.8     66.7          54-81 s (3 seeds)
+   150        98.5          68.2          83 s
+   200        98.8          68.8         107 s
+Training runs at ~2.5-3.3 steps/s there; the rest is imports, compilation and evaluation.
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ def parse(name, *bindings):
 
 def test_every_example_is_tested():
   names = sorted(os.listdir(os.path.join(gin_utils.gin_config_dir(), 'examples')))
-  assert names == ['cbqa_t5_1_1_small.gin', 'knowledge_tiny.gin', 'stackoverflow_tags.gin',
-                   'xsum_t5_1_1_small.gin']
+  assert names == ['cbqa_t5_1_1_small.gin', 'knowledge_tiny.gin', 'knowledge_tiny_model.gin',
+                   'stackoverflow_tags.gin', 'xsum_t5_1_1_small.gin']
 
 
 @pytest.mark.parametrize('name, task', [('cbqa_t5_1_1_small.gin', 'natural_questions_open'),
@@ -73,8 +73,21 @@ def test_knowledge_example(clean_gin):
   from tasks import knowledge
   macro = parse('knowledge_tiny.gin')
   assert macro('MIXTURE_OR_TASK_NAME') == knowledge.TASK_NAME
+  assert macro('INITIAL_CHECKPOINT_PATH') is None  # trained from scratch
+  assert macro('TRAIN_STEPS') == macro('EVAL_PERIOD') == 100  # one evaluation, at the end
   assert gin.query_parameter('network.T5Config.vocab_size') == knowledge.VOCAB_SIZE
   assert macro('TASK_FEATURE_LENGTHS') == {'inputs': 24, 'targets': 8}
   model = gin.get_configurable('t5tpu.models.EncoderDecoderModel')()
   assert model.input_vocabulary == knowledge.vocabulary()
   assert model.config.emb_dim == 128 and model.config.num_encoder_layers == 2
+
+
+def test_knowledge_model_gin_serves_offline_eval(clean_gin):
+  from tasks import knowledge
+  gin_utils.parse_gin([os.path.join('gin', 'examples', 'knowledge_tiny_model.gin'),
+                       os.path.join('gin', 'runs', 'eval.gin')],
+                      ["CHECKPOINT_PATH = '/tmp/unused'", "EVAL_OUTPUT_DIR = '/tmp/unused'",
+                       "EVAL_SPLIT = 'paraphrase'", "MIXTURE_OR_TASK_NAME = 'knowledge_qa'"])
+  model = gin.get_configurable('t5tpu.models.EncoderDecoderModel')()
+  assert model.output_vocabulary == knowledge.vocabulary()
+  assert model.config.vocab_size == knowledge.VOCAB_SIZE
