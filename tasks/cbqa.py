@@ -34,7 +34,6 @@ TRAIN_SIZES = {
     'trivia_qa_open': 78_785, 'natural_questions_open': 79_168, 'web_questions_open': 3_417,
     'trivia_qa_open_test': 87_622 + 11_313, 'natural_questions_open_test': 87_925,
     'web_questions_open_test': 3_778,
-    'nq_context_free': 87_925, 'triviaqa_context_free': 87_622,
 }
 
 
