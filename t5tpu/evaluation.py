@@ -102,8 +102,11 @@ def _make_jsonl_logger_cls():
       step = -1 if step is None else step
       scalars = _scalar_metrics(metrics)
       metrics_path = storage.join(self.output_dir, f'{task_name}-metrics.jsonl')
-      previous = storage.read_text(metrics_path) if storage.exists(metrics_path) else ''
-      storage.write_text(metrics_path, previous + json.dumps({'step': step, **scalars}) + '\n')
+      rows = storage.read_text(metrics_path).splitlines() if storage.exists(metrics_path) else []
+      # One row per step: a re-evaluated step replaces its old row.
+      rows = [r for r in rows if r.strip() and json.loads(r).get('step') != step]
+      rows.append(json.dumps({'step': step, **scalars}))
+      storage.write_text(metrics_path, '\n'.join(rows) + '\n')
       if not inferences or dataset is None:
         return
       predictions = inferences.get('prediction') or []

@@ -100,6 +100,11 @@ def setup(argv: Sequence[str], description: str, macro_flags=None):
                       stream=sys.stderr, force=True)
   for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # gin logs an ERROR for every search path it tries before it finds an included file.
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(lambda r: not ('/gin/' in r.pathname and 'Path not found' in r.getMessage()))
+  logging.getLogger().addFilter(
+      lambda r: not ('/gin/' in r.pathname and r.levelno < logging.WARNING))
   args = parse_flags(argv, description, macro_flags)
   if not args.gin_file:
     raise SystemExit('give at least one --gin_file (e.g. --gin_file=runs/finetune.gin)')

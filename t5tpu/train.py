@@ -205,7 +205,8 @@ def train(*,
     checkpointer.close()
     return state
 
-  if run_eval_before_training:
+  if run_eval_before_training and latest is None:
+    # (A resumed run skips this: its step was evaluated when the previous run ended.)
     run_evals(start_step)
 
   make_ds = lambda s: data_lib.get_dataset(train_dataset_cfg, jax.process_index(),
