@@ -30,6 +30,9 @@ def parse():
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='auto', help="activation dtype: float32, bfloat16, or "
                  "auto (bfloat16 on accelerators, float32 on CPU)")
+  p.add_argument('--optimizer', default='adafactor', choices=['adafactor', 'adamw'],
+                 help='the same optimizer on both sides (transformers: its Adafactor, or '
+                 'torch AdamW, fused where supported)')
   p.add_argument('--skip_hf', action='store_true')
   p.add_argument('--torch_compile', action='store_true')
   p.add_argument('--json', default=None, help='write results here')
@@ -47,8 +50,9 @@ def random_batch(rng, batch, inputs, targets, vocab):
 def bench_t5tpu(cfg, args, batches):
   import jax
   from t5tpu import data, models, network, optimizers, partitioning, trainer
-  model = models.EncoderDecoderModel(module=network.Transformer(cfg),
-                                     optimizer_def=optimizers.Adafactor())
+  opt = optimizers.Adafactor() if args.optimizer == 'adafactor' else optimizers.AdamW(
+      max_grad_norm=None)
+  model = models.EncoderDecoderModel(module=network.Transformer(cfg), optimizer_def=opt)
   part = partitioning.PjitPartitioner()
   shapes = {'encoder_input_tokens': (args.batch, args.inputs),
             'decoder_input_tokens': (args.batch, args.targets)}
@@ -79,8 +83,11 @@ def bench_hf(cfg, args, batches):
       tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0,
       eos_token_id=1)
   model = transformers.T5ForConditionalGeneration(hc).to(device).train()
-  opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
-                  warmup_init=False, clip_threshold=1.0, decay_rate=-0.8)
+  if args.optimizer == 'adafactor':
+    opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
+                    warmup_init=False, clip_threshold=1.0, decay_rate=-0.8)
+  else:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
   autocast = cfg.dtype == 'bfloat16'
   if args.torch_compile:
     model = torch.compile(model)
@@ -128,7 +135,8 @@ def main():
     t, loss = bench_hf(cfg, args, batches)
     rows['transformers' + (' + compile' if args.torch_compile else '')] = (float(np.median(t)),
                                                                            loss)
-  print(f'\n{args.model} ({dtype}), batch {args.batch}, {args.inputs}/{args.targets} tokens, '
+  print(f'\n{args.model} ({dtype}, {args.optimizer}), batch {args.batch}, '
+        f'{args.inputs}/{args.targets} tokens, '
         f'{dev.device_kind}; {flops / args.batch / 1e9:.2f} GFLOP per example; '
         f'peak {peak / 1e12:.2f} TFLOP/s')
   print(f"{'system':<26}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'loss/token':>11}")

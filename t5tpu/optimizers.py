@@ -232,7 +232,7 @@ class AdamW:
     return optax.chain(*parts)
 
   def state_partition_specs(self, param_specs, param_shapes):
-    tx = self.make(0.0)
+    tx = self.make(lambda step: 0.0)  # a schedule, as the trainer passes: same state tree
     abstract = jax.eval_shape(tx.init, param_shapes)
     return optax.tree_map_params(
         tx, lambda _, spec: spec, abstract, param_specs,

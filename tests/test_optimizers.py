@@ -90,3 +90,23 @@ def test_adamw_state_specs_follow_params():
   specs = opt.state_partition_specs({'a': P(None, 'model')}, params)
   leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
   assert P(None, 'model') in leaves and P() in leaves
+
+
+def test_adamw_trains_sharded():
+  from t5tpu import data, partitioning, trainer
+  from tests import tiny
+  from tests.test_partitioning import SHAPES, make_batch
+  model = tiny.tiny_model(optimizer=optimizers.AdamW(), num_heads=4, head_dim=8)
+  tr = trainer.Trainer(model, partitioning.PjitPartitioner(num_partitions=2),
+                       optimizers.create_learning_rate_scheduler(base_learning_rate=1e-3),
+                       None, SHAPES)
+  state = tr.init_state(jax.random.PRNGKey(0))
+  batch = make_batch()
+  losses = []
+  for _ in range(3):
+    state, m = tr.train_step(state, data.make_global_batch(batch, tr.batch_shardings(batch)),
+                             jax.random.PRNGKey(1))
+    losses.append(float(m['loss']))
+  assert losses[-1] < losses[0]
+  mu = state.opt_state[1][0].mu['encoder']['layers_0']['mlp']['wi_0']['kernel']
+  assert mu.sharding.spec == jax.sharding.PartitionSpec(None, 'model')
