@@ -54,10 +54,16 @@ TOPOLOGIES: Dict[str, Topology] = {t.name: t for t in [
 
 
 def _quiet_libtpu():
-  """libtpu looks for a TPU VM's metadata at load; these values only silence that search."""
+  """Environment for loading libtpu as a compiler only (before it loads).
+
+  libtpu looks for a TPU VM's metadata at load; the first three values only silence that
+  search. It also takes /tmp/libtpu_lockfile so that one process owns the TPU; compiling
+  needs no TPU, so several plans (or a plan beside a training run) may load it at once.
+  """
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-4')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
 def topology_devices(name: str):
@@ -281,16 +287,22 @@ class Search:
 def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Optional[int] = None,
                    relative_resolution: float = 0.0, limit: int = 1 << 16,
                    log: Optional[Callable[[Plan], None]] = None) -> Search:
-  """The largest batch whose train step fits: doubling to bracket it, then bisection.
+  """The largest batch whose train step fits: bracket it, then bisect.
 
   Batches are multiples of `setup.unit`; the search stops when the bracket is at most
   `resolution` wide (default: one unit, i.e. exact), or `relative_resolution` x the largest
-  batch that fits (each compile of a big model takes minutes: 1/8 is close enough there).
-  Doubling stops at `limit`.
+  batch that fits (a compile of a 3B model takes minutes: 1/8 is close enough there).
+  Bracketing doubles from `start` (up to `limit`) or halves when `start` does not fit.
+
+  A compile that fits costs far more than one the compiler rejects for HBM (it stops early),
+  so after each batch that fits the next probe is where a straight line through the peaks of
+  the two largest fitting batches reaches HBM; after a batch that does not, plain bisection.
+  Every answer is a real compile either way: the line only chooses where to look.
   """
   unit = setup.unit
   step = max(unit, (resolution or unit) // unit * unit)
   tried: Dict[int, Plan] = {}
+  floor = lambda x: int(x) // unit * unit
 
   def fits(b):
     if b not in tried:
@@ -299,32 +311,50 @@ def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Option
         log(tried[b])
     return tried[b].fits
 
-  b = max(unit, (start or setup.batch_size) // unit * unit)
+  def predicted() -> Optional[float]:
+    ok = sorted(b for b, p in tried.items() if p.fits and p.peak)
+    if len(ok) < 2:
+      return None
+    (b1, b2), (p1, p2) = ok[-2:], (tried[ok[-2]].peak, tried[ok[-1]].peak)
+    if p2 <= p1:
+      return None
+    return b2 + (tried[b2].hbm - p2) * (b2 - b1) / (p2 - p1)
+
+  b = max(unit, floor(start or setup.batch_size))
   lo = hi = None
   if fits(b):
     lo = b
-    while hi is None and lo * 2 <= limit:
-      if fits(lo * 2):
-        lo *= 2
-      else:
-        hi = lo * 2
-  else:
-    hi = b
-    while lo is None and hi > unit:
-      cand = max(unit, hi // 2 // unit * unit)
+    while hi is None:
+      guess = predicted()
+      cand = 2 * lo if guess is None else max(min(floor(guess), floor(limit)), lo + step)
+      if cand > limit:
+        break
       if fits(cand):
         lo = cand
       else:
         hi = cand
+  else:
+    hi = b
+    while lo is None and hi > unit:
+      cand = max(unit, floor(hi // 2))
+      if fits(cand):
+        lo = cand
+      else:
+        hi = cand
+  last_fit = True
   if lo is not None and hi is not None:
     while hi - lo > max(step, relative_resolution * lo):
-      mid = (lo + hi) // 2 // unit * unit
-      if mid <= lo:
+      cand = floor((lo + hi) // 2)
+      guess = predicted() if last_fit else None
+      if guess is not None:
+        cand = min(max(floor(guess), lo + step), hi - step)
+      if not lo < cand < hi:
         break
-      if fits(mid):
-        lo = mid
+      last_fit = fits(cand)
+      if last_fit:
+        lo = cand
       else:
-        hi = mid
+        hi = cand
   plans = [tried[k] for k in sorted(tried)]
   return Search(best=tried.get(lo) if lo else None,
                 smallest_failure=tried.get(hi) if hi else None, tried=plans)

@@ -30,17 +30,15 @@ def _launch(args, tmp_path, name):
 
 def _wait(procs, tmp_path, timeout=400):
   for name, proc in procs.items():
-    try:
-      rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for p in procs.values():
-        p.kill()
-      raise
+    rc = proc.wait(timeout=timeout)
     assert rc == 0, f'{name} failed:\n' + (tmp_path / f'{name}.log').read_text()[-4000:]
 
 
 @pytest.mark.timeout(600)
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, monkeypatch):
+  import jax
+  from t5tpu import data
+  from tests.cloud import multihost_worker
   port = gcs_server.free_port()
   multi_dir, single_dir = tmp_path / 'multi', tmp_path / 'single'
   procs = {
@@ -49,11 +47,20 @@ def test_two_processes_match_one(tmp_path):
                            f'--steps={STEPS}', f'--out={tmp_path / f"host{i}.json"}'],
                           tmp_path, f'host{i}')
       for i in range(2)}
-  procs['single'] = _launch(['--num_processes=1', f'--model_dir={single_dir}',
-                             f'--steps={STEPS}', f'--out={tmp_path / "single.json"}'],
-                            tmp_path, 'single')
-  _wait(procs, tmp_path)
-  results = {n: json.loads((tmp_path / f'{n}.json').read_text()) for n in procs}
+  # The reference, here while the hosts start: one process, two devices, the same global
+  # batches (both hosts' shards side by side).
+  try:
+    monkeypatch.setattr(data, 'get_dataset', multihost_worker.both_shards(data.get_dataset))
+    single_losses, single_state = multihost_worker.run(str(single_dir), STEPS,
+                                                       devices=jax.devices()[:2])
+    results = {'single': {'losses': single_losses,
+                          'query_kernel_sum': multihost_worker.kernel_sum(single_state)}}
+    _wait(procs, tmp_path)
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+  results.update({n: json.loads((tmp_path / f'{n}.json').read_text()) for n in procs})
 
   single = results['single']['losses']
   assert len(single) == STEPS and single[-1] < single[0]
