@@ -115,3 +115,22 @@ def test_cli_gcs_subprocess(fake_gcs, tmp_path):
                        timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert storage.read_text(f'{bucket}/data/f.txt') == 'abc'
+
+
+def test_sentencepiece_vocabulary_from_gcs(fake_gcs, tmp_path, monkeypatch):
+  import seqio
+  from t5tpu import vocabularies
+  monkeypatch.setenv('T5TPU_CACHE', str(tmp_path / 'cache'))
+  local = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
+                       'sentencepiece.model')
+  remote = f'{fake_gcs.bucket}/data/vocab/sentencepiece.model'
+  storage.copy(local, remote)
+  vocab = vocabularies.SentencePieceVocabulary(remote, extra_ids=10)
+  reference = seqio.SentencePieceVocabulary(local, extra_ids=10)
+  text = 'this is a test'
+  assert vocab.encode(text) == reference.encode(text)
+  assert vocab.decode(vocab.encode(text)) == reference.decode(reference.encode(text))
+  assert vocab.vocab_size == reference.vocab_size == 36
+  assert vocab.sentencepiece_model_file == remote  # identity stays the gs:// path
+  assert vocab == seqio.SentencePieceVocabulary(remote, extra_ids=10)
+  assert os.path.exists(tmp_path / 'cache' / remote[len('gs://'):])
