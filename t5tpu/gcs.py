@@ -52,8 +52,13 @@ def init(url: str, project: Optional[str] = None, location: str = 'us-central1',
          out=sys.stdout) -> dict:
   """Creates the bucket if it does not exist, checks it if it does, and adds the layout."""
   name = _bucket_name(url)
+  from google.api_core import exceptions
   c = client(project)
-  bucket = c.lookup_bucket(name)
+  try:
+    bucket = c.lookup_bucket(name)
+  except exceptions.Forbidden as e:
+    raise SystemExit(f'gs://{name} exists but this account cannot read it (bucket names are '
+                     f'global: pick another name): {e}') from e
   created = bucket is None
   if created:
     bucket = c.create_bucket(name, location=location)

@@ -82,3 +82,36 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
   assert (multi_dir / 'model-info.txt').exists() and (multi_dir / 'config.gin').exists()
   events = [f for f, _ in storage.walk_files(str(multi_dir / 'train')) if 'tfevents' in f]
   assert len(events) == 1
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+class _Mesh:
+  """Enough of a jax Mesh for partitioning.data_shard (hashable, like Mesh)."""
+
+  def __init__(self, hosts, shape):
+    self.axis_names = ('data', 'model')
+    self.devices = np.empty(shape, object)
+    for i, host in enumerate(hosts):
+      self.devices.flat[i] = _Device(host)
+
+
+@pytest.mark.parametrize('hosts,shape,expect', [
+    ([0, 0, 0, 0, 1, 1, 1, 1], (2, 4), {0: (0, 2), 1: (1, 2)}),  # model axis within a host
+    ([0, 0, 0, 0, 1, 1, 1, 1], (1, 8), {0: (0, 1), 1: (0, 1)}),  # model axis spans hosts
+    ([0, 1, 2, 3], (2, 2), {0: (0, 2), 1: (0, 2), 2: (1, 2), 3: (1, 2)}),
+    ([0, 1], (2, 1), {0: (0, 2), 1: (1, 2)}),  # the two-process test above
+])
+def test_data_shard_per_host(hosts, shape, expect):
+  from t5tpu import partitioning
+  mesh = _Mesh(hosts, shape)
+  assert {h: partitioning.data_shard(mesh, h) for h in expect} == expect
+
+
+def test_data_shard_rejects_uneven_layouts():
+  from t5tpu import partitioning
+  with pytest.raises(ValueError, match='whole rows'):
+    partitioning.data_shard(_Mesh([0, 0, 0, 1], (4, 1)), 0)

@@ -43,6 +43,8 @@ def test_copy_both_ways_marker_last(fake_gcs, tmp_path):
   for rel, data in files.items():
     assert (tmp_path / 'back' / rel).read_bytes() == data
   assert storage.size_of(f'{fake_gcs.bucket}/models') == n
+  storage.copy(f'{fake_gcs.bucket}/models/run', f'{fake_gcs.bucket}/models/copy')  # gs -> gs
+  assert checkpoints.all_steps(f'{fake_gcs.bucket}/models/copy') == [5]
 
 
 def test_incomplete_checkpoint_on_gcs_is_ignored(fake_gcs):
