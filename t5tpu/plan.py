@@ -292,7 +292,8 @@ def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Option
   Batches are multiples of `setup.unit`; the search stops when the bracket is at most
   `resolution` wide (default: one unit, i.e. exact), or `relative_resolution` x the largest
   batch that fits (a compile of a 3B model takes minutes: 1/8 is close enough there).
-  Bracketing doubles from `start` (up to `limit`) or halves when `start` does not fit.
+  Bracketing goes up from `start` (up to `limit`), or, when `start` does not fit, tries the
+  smallest batch (if that does not fit either, nothing does).
 
   A compile that fits costs more than one the compiler rejects for HBM (that one stops at
   memory assignment: half the time for a 3B model here, a tenth for a tiny one), and peak
@@ -335,14 +336,12 @@ def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Option
         lo = cand
       else:
         hi = cand
-  else:
+  else:  # does the smallest batch fit at all? Then bisect between it and `start`.
     hi = b
-    while lo is None and hi > unit:
-      cand = max(unit, floor(hi // 2))
-      if fits(cand):
-        lo = cand
-      else:
-        hi = cand
+    if b > unit and fits(unit):
+      lo = unit
+    elif b > unit:
+      hi = unit
   last_fit = True
   if lo is not None and hi is not None:
     while hi - lo > max(step, relative_resolution * lo):
