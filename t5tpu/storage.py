@@ -193,13 +193,14 @@ COMMIT_MARKERS = ('commit_success.txt', 'COMPLETED')
 def walk_files(path: str) -> List[Tuple[str, int]]:
   """(relative path, size) of every file under path (path itself if it is a file)."""
   fs = filesystem(path)
-  root = path.rstrip('/')
+  root = path.rstrip('/') if is_remote(path) else os.path.abspath(path)
   if not fs.isdir(root):
     return [('', fs.info(root)['size'])] if fs.exists(root) else []
   out = []
   prefix = _strip(root) + '/'
   for name, info in fs.find(root, detail=True).items():
-    if info.get('type') == 'directory':
+    # 'folder/' objects (as `t5tpu gcs init` and the Cloud console make) hold no data.
+    if info.get('type') == 'directory' or name.endswith('/'):
       continue
     out.append((_strip(name)[len(prefix):], int(info.get('size') or 0)))
   return sorted(out)

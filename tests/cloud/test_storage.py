@@ -71,7 +71,7 @@ def test_local_copy(fake_gcs, tmp_path):
   assert storage.local_copy(str(tmp_path), 'unused') == str(tmp_path)
 
 
-def test_gcs_init_cp_du(fake_gcs, tmp_path):
+def test_gcs_init_cp_du(fake_gcs, tmp_path, monkeypatch):
   out = io.StringIO()
   info = gcs.init('gs://t5tpu-new-bucket', out=out)
   assert info['created'] and info['location'] == 'US-CENTRAL1'
@@ -84,6 +84,12 @@ def test_gcs_init_cp_du(fake_gcs, tmp_path):
   gcs.cp(str(tmp_path / 'ds'), 'gs://t5tpu-new-bucket/data/qa', out=out)
   assert 'copied 2 file(s), 4.00 KB' in out.getvalue()
   assert gcs.usage('gs://t5tpu-new-bucket') == {'data/': 4000, 'models/': 0, 'tfds/': 0}
+  # The folder markers are no files: the whole bucket copies down as its two files.
+  assert [f for f, _ in storage.walk_files('gs://t5tpu-new-bucket')] == [
+      'data/qa/COMPLETED', 'data/qa/train.tsv']
+  monkeypatch.chdir(tmp_path)
+  storage.copy('gs://t5tpu-new-bucket', 'mirror')  # a relative local path
+  assert (tmp_path / 'mirror' / 'data' / 'qa' / 'train.tsv').stat().st_size == 4000
 
   out = io.StringIO()
   total = gcs.du('gs://t5tpu-new-bucket', models=['t5_1_1/small', 't5_1_0/11B'], out=out)
