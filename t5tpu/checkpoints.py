@@ -79,12 +79,18 @@ def latest_step(model_dir: str) -> Optional[int]:
 
 
 def is_complete(step_dir: str) -> bool:
-  """Orbax renames finished local saves; on object stores it writes a commit marker."""
+  """Whether a checkpoint_<step> directory holds a finished save.
+
+  Locally orbax saves into `<name>.orbax-checkpoint-tmp-*` and renames it when done. On gs://
+  there is no rename: orbax (0.12) writes straight into checkpoint_<step>/ and adds
+  commit_success.txt last, so that file is the only completion mark there
+  (_CHECKPOINT_METADATA is written when the save *starts*). `t5tpu gcs cp` copies
+  commit_success.txt last for the same reason.
+  """
   if '.orbax-checkpoint-tmp' in step_dir:
     return False
   if storage.is_remote(step_dir):
-    return storage.exists(storage.join(step_dir, 'commit_success.txt')) or storage.exists(
-        storage.join(step_dir, '_CHECKPOINT_METADATA'))
+    return storage.exists(storage.join(step_dir, 'commit_success.txt'))
   return storage.exists(step_dir)
 
 

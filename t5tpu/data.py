@@ -108,9 +108,19 @@ class InputIterator:
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any]):
-  """This host's rows -> global jax Arrays sharded over the mesh's data axis."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in local_batch.items()}
+  """This host's rows -> global jax Arrays sharded over the mesh's data axis.
+
+  The global batch is this host's rows times the number of data shards (hosts that share a
+  model-parallel group read the same shard: partitioning.data_shard).
+  """
+  from t5tpu import partitioning
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    _, num_shards = partitioning.data_shard(shardings[k].mesh)
+    out[k] = jax.make_array_from_process_local_data(
+        shardings[k], v, (v.shape[0] * num_shards,) + v.shape[1:])
+  return out
 
 
 class DevicePrefetcher:

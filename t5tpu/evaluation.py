@@ -32,8 +32,10 @@ def run_train_eval(trainer, params, cfg: data_lib.DatasetConfig, eval_steps: Opt
       continue
     sub_cfg = data_lib.DatasetConfig(**{**cfg.__dict__, 'mixture_or_task_name': sub.name,
                                         'num_epochs': 1, 'shuffle': False})
-    ds = data_lib.get_dataset(sub_cfg, jax.process_index(), jax.process_count(),
-                              seed=cfg.seed, drop_remainder=True)
+    from t5tpu import partitioning
+    shard_id, num_shards = partitioning.data_shard(trainer.partitioner.mesh)
+    ds = data_lib.get_dataset(sub_cfg, shard_id, num_shards, seed=cfg.seed,
+                              drop_remainder=True)
     if eval_steps:
       ds = ds.take(eval_steps)
     totals = None

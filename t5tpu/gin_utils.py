@@ -77,8 +77,12 @@ def parse_flags(argv: Sequence[str], description: str, macro_flags=None):
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
-              search_paths: Sequence[str] = ()) -> None:
-  """Parses gin files and bindings with the project's gin/ directory on the search path."""
+              search_paths: Sequence[str] = (), finalize: bool = True) -> None:
+  """Parses gin files and bindings with the project's gin/ directory on the search path.
+
+  `finalize=False` skips the check that every %gin.REQUIRED macro is set (`t5tpu plan`
+  needs the model and partitioning of a run gin, not its MODEL_DIR or task).
+  """
   paths = [os.getcwd(), *[p for p in search_paths if p], gin_config_dir()]
   for path in paths:
     gin.add_config_file_search_path(path)
@@ -90,7 +94,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
       f = candidate if os.path.exists(candidate) else f
     resolved.append(f)
   gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
-  gin.finalize()
+  if finalize:
+    gin.finalize()
 
 
 def setup(argv: Sequence[str], description: str, macro_flags=None):

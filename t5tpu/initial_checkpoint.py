@@ -310,7 +310,11 @@ def state_from_state_dict(state_dict: dict, trainer, restore_cfg=None, path: str
 
 def load(path: str, trainer, restore_cfg=None):
   """INITIAL_CHECKPOINT_PATH -> TrainState on the trainer's mesh."""
-  return state_from_state_dict(read_state_dict(path), trainer, restore_cfg, path)
+  state = state_from_state_dict(read_state_dict(path), trainer, restore_cfg, path)
+  # Equal arrays can share one device buffer here (the jitted optimizer init returns one
+  # buffer for its identical [1] zero slots; restored numpy arrays may be shared too). The
+  # train step donates its state, and XLA refuses to donate a buffer twice.
+  return jax.tree.map(lambda x: x.copy(), state)
 
 
 def load_params(path: str, trainer, restore_cfg=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -112,6 +113,30 @@ class PjitPartitioner:
       raise ValueError(f'BATCH_SIZE={batch_size} must be a multiple of the data-parallel '
                        f'size {self.data_size} ({len(self.mesh.devices.flat)} devices / '
                        f'{self.model_size} model partitions)')
+
+
+@functools.lru_cache(maxsize=64)
+def data_shard(mesh: Mesh, process_index: Optional[int] = None) -> Tuple[int, int]:
+  """(index, count): the shard of the input data one process reads (t5x's DataLayout).
+
+  A process feeds the batch rows that its devices hold along `data`. Usually each process
+  holds its own block of rows (index = process index). When the `model` axis spans processes
+  (say 8-way model parallelism on two hosts of four chips), the processes of one
+  model-parallel group hold the same rows, so they must read the same shard, and there are
+  fewer shards than processes.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  axis = mesh.axis_names.index('data')
+  rows = {}
+  for idx, device in np.ndenumerate(mesh.devices):
+    rows.setdefault(device.process_index, set()).add(idx[axis])
+  blocks = sorted({tuple(sorted(r)) for r in rows.values()})
+  flat = [i for block in blocks for i in block]
+  if len(flat) != len(set(flat)) or len({len(b) for b in blocks}) != 1:
+    raise ValueError('each process must hold whole rows of the data axis, the same number '
+                     f'as every other process, and no row held by another: got {blocks}')
+  return blocks.index(tuple(sorted(rows[process_index]))), len(blocks)
 
 
 def describe_sharding(sharding: NamedSharding, shape) -> str:

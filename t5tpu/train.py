@@ -209,8 +209,8 @@ def train(*,
     # (A resumed run skips this: its step was evaluated when the previous run ended.)
     run_evals(start_step)
 
-  make_ds = lambda s: data_lib.get_dataset(train_dataset_cfg, jax.process_index(),
-                                           jax.process_count(), seed=s)
+  shard_id, num_shards = partitioning.data_shard(partitioner.mesh)
+  make_ds = lambda s: data_lib.get_dataset(train_dataset_cfg, shard_id, num_shards, seed=s)
   iterator = data_lib.InputIterator(make_ds, seed, position)
   first = next(iterator)
   batch_shardings = trainer.batch_shardings(first)

@@ -1,0 +1,34 @@
+"""Fixtures for the cloud tests: one loopback GCS server per session, a fresh bucket per test."""
+import itertools
+
+import pytest
+
+from tests.cloud import gcs_server
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope='session')
+def gcs_server_process():
+  server = gcs_server.FakeGcsServer()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def fake_gcs(gcs_server_process, monkeypatch):
+  """The server, with every gs:// client of this process pointed at it and a new bucket.
+
+  Yields the server; `gcs.bucket` is 'gs://<a bucket of this test>' and `gcs.env` is the
+  environment to hand to subprocesses.
+  """
+  from t5tpu import storage
+  server = gcs_server_process
+  env = server.client_env()
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  storage.reset_clients()
+  server.bucket = server.create_bucket(f't5tpu-test-{next(_names)}')
+  server.env = env
+  yield server
+  storage.reset_clients()

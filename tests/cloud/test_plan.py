@@ -1,0 +1,130 @@
+"""`t5tpu plan`: the real train step compiled for Cloud TPU topologies by libtpu, on CPU.
+
+Small shapes only (each TPU compile of the tiny model takes seconds here); docs/tpu-memory.md
+has the real model sizes.
+"""
+import io
+import contextlib
+
+import pytest
+
+from t5tpu import plan
+from tests import tiny
+
+pytest.importorskip('libtpu')
+LENGTHS = {'inputs': 16, 'targets': 8}
+
+
+def _model(**kw):
+  return tiny.tiny_model(num_encoder_layers=1, num_decoder_layers=1, **kw)
+
+
+@pytest.mark.timeout(300)
+def test_tiny_model_fits_v2_8_with_model_parallelism():
+  p = plan.memory_report(_model(), 'v2-8', 8, LENGTHS, num_partitions=2)
+  assert p.fits, p.error
+  assert p.mesh == {'data': 4, 'model': 2}
+  assert p.hbm == int(7.48 * 2 ** 30)
+  assert 0 < p.peak <= p.hbm
+  assert p.arguments >= p.params + p.opt_state > 0
+  text = p.summary()
+  assert 'v2-8 (data 4 x model 2), batch 8: FITS' in text and 'peak' in text
+
+
+@pytest.mark.timeout(300)
+def test_too_big_does_not_fit():
+  # 2 x 16M x 32 float32 vocabulary matrices and their Adafactor state (unfactored: 32 <
+  # 128): 8 GiB per v2 core before any activation.
+  p = plan.memory_report(_model(vocab_size=1 << 24), 'v2-8', 8, LENGTHS)
+  assert not p.fits
+  assert 4 * 2 ** 30 <= p.params < 4.01 * 2 ** 30 and 4 * 2 ** 30 <= p.opt_state < 4.01 * 2 ** 30
+  assert p.required > p.hbm
+  assert 'DOES NOT FIT' in p.summary() and 'RESOURCE_EXHAUSTED' in p.error
+
+
+@pytest.mark.timeout(300)
+def test_bisection_finds_the_largest_batch_on_tpu():
+  # Logits dominate: [batch/8, 64, 4M] float32 per core, about 1 GiB per example per core,
+  # on top of 2 GiB of parameters and optimizer state.
+  setup = plan.make_setup(_model(vocab_size=1 << 22), 'v2-8', 8,
+                          {'inputs': 16, 'targets': 64})
+  assert setup.unit == 8
+  search = plan.find_max_batch(setup, start=32)
+  assert search.best.fits and search.best.batch_size % 8 == 0
+  assert not search.smallest_failure.fits
+  assert search.smallest_failure.batch_size == search.best.batch_size + setup.unit
+  assert search.best.peak <= search.best.hbm
+
+
+class _FakeSetup:
+  """A Setup whose "compile" fits while base + per_example x batch^power <= hbm."""
+
+  def __init__(self, unit, per_example, base=1.0, hbm=10.0, batch_size=8, power=1):
+    self.unit, self.per_example, self.base, self.hbm = unit, per_example, base, hbm
+    self.power = power
+    self.batch_size = batch_size
+    self.compiled = []
+
+  def compile(self, b):
+    assert b % self.unit == 0 and b > 0
+    self.compiled.append(b)
+    peak = self.base + self.per_example * b ** self.power
+    return plan.Plan('v2-8', b, {}, self.hbm, peak <= self.hbm, peak=peak)
+
+
+@pytest.mark.parametrize('unit,per_example,start,expect,power', [
+    (8, 0.01, 8, 896, 1),  # up from the start, then bisection
+    (8, 0.1, 512, 88, 1),  # start too big: halving, then bisection
+    (1, 0.5, 32, 18, 1),
+    (4, 100.0, 16, None, 1),  # nothing fits
+    (8, 1e-4, 8, 296, 2),  # memory not linear in the batch: the line misleads, still exact
+    (2, 1e-5, 64, 948, 2),
+])
+def test_bisection_logic(unit, per_example, start, expect, power):
+  setup = _FakeSetup(unit, per_example, power=power)
+  search = plan.find_max_batch(setup, start=start)
+  if expect is None:
+    assert search.best is None and search.smallest_failure.batch_size == unit
+    return
+  assert search.best.batch_size == expect
+  assert search.smallest_failure.batch_size == expect + unit
+  assert len(setup.compiled) == len(set(setup.compiled))  # nothing compiled twice
+  # Linear memory: the line through two fitting batches lands on the answer, so only a few
+  # of the (expensive) compiles that fit are needed.
+  fitting = [b for b in setup.compiled if b <= expect]
+  assert power > 1 or len(fitting) <= 3, setup.compiled
+  coarse = plan.find_max_batch(_FakeSetup(unit, per_example, power=power), start=start,
+                               relative_resolution=0.25)
+  assert coarse.best.batch_size <= expect < coarse.smallest_failure.batch_size
+  assert coarse.smallest_failure.batch_size - coarse.best.batch_size <= max(
+      unit, 0.25 * coarse.best.batch_size)
+
+
+@pytest.mark.timeout(300)
+def test_cli_from_gin(tmp_path):
+  """The run's gin decides model, partitioning and batch; the topology's devices are used."""
+  import gin
+  gin_file = tmp_path / 'run.gin'
+  gin_file.write_text("include 'models/t5_1_1/tiny.gin'\ninclude 'runs/finetune.gin'\n"
+                      'network.T5Config.vocab_size = 264\n'
+                      'network.T5Config.num_encoder_layers = 1\n'
+                      'network.T5Config.num_decoder_layers = 1\n')
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      plan.main([f'--gin_file={gin_file}', '--topology=v5e-4', '--gin.NUM_PARTITIONS=2',
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+                 '--gin.BATCH_SIZE=4', "--gin.network.T5Config.remat_policy='full'"])
+  finally:
+    gin.clear_config()
+  text = out.getvalue()
+  assert "v5e-4: 4 chips of 16 GiB; mesh {'data': 2, 'model': 2}" in text
+  assert 'batch 4: FITS' in text and 'of 15.75 GiB HBM' in text
+
+
+def test_topologies_build():
+  counts = {name: len(plan.topology_devices(name)) for name in plan.TOPOLOGIES}
+  assert counts == {'v2-8': 8, 'v3-8': 8, 'v4-8': 4, 'v4-8-cores': 8, 'v5e-4': 4,
+                    'v5e-16': 16, 'v5p-8': 4}
+  with pytest.raises(ValueError, match='unknown topology'):
+    plan.topology_devices('v9-8')
