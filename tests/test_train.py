@@ -109,31 +109,9 @@ tiny.register_copy_task()
 '''
 
 
-def test_cli_with_gin_flags(tmp_path, copy_task):
-  """python -m t5tpu.train with t5x-style flags; then a rerun with more steps resumes."""
-  model_dir = tmp_path / 'cli'
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([os.getcwd(), str(tmp_path)])}
-  (tmp_path / 'cli_tasks.py').write_text(CLI_TASK_MODULE)
-  # A user's gin file, t5x-style: model + run configs, a task module, a vocabulary.
-  (tmp_path / 'user.gin').write_text(USER_GIN)
-  base = [sys.executable, '-m', 't5tpu.train', f'--gin_file={tmp_path / "user.gin"}',
-          f'--gin.MODEL_DIR="{model_dir}"', f'--gin.MIXTURE_OR_TASK_NAME="{tiny.COPY_TASK}"',
-          "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
-          '--gin.BATCH_SIZE=8', '--gin.EVAL_PERIOD=None', '--gin.RANDOM_SEED=1']
-  out = subprocess.run(base + ['--gin.TRAIN_STEPS=2'], env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert checkpoints.all_steps(str(model_dir)) == [2]
-  config = (model_dir / 'config.gin').read_text()
-  assert 'T5Config.emb_dim = 8' in config and 'TRAIN_STEPS = 2' in config
-  out = subprocess.run(base + ['--gin.TRAIN_STEPS=4'], env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert 'resumed from' in out.stderr
-  assert checkpoints.all_steps(str(model_dir)) == [2, 4]
-
-
-def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, copy_task):
+def test_cli_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path, copy_task):
+  """python -m t5tpu.train with t5x-style flags and a user gin; SIGTERM mid-run saves a
+  checkpoint and exits cleanly; the same command with a larger TRAIN_STEPS resumes."""
   import signal
   import time
   model_dir = tmp_path / 'pre'
@@ -157,7 +135,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, copy_task):
   assert 'stopped by SIGTERM' in err
   steps = checkpoints.all_steps(str(model_dir))
   assert len(steps) == 1 and 0 < steps[0] < 1000000
+  config = (model_dir / 'config.gin').read_text()  # the operative config
+  assert 'T5Config.emb_dim = 8' in config and 'TRAIN_STEPS = 1000000' in config
   out = subprocess.run(cmd[:-1] + [f'--gin.TRAIN_STEPS={steps[0] + 2}'], env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert 'resumed from' in out.stderr
   assert checkpoints.all_steps(str(model_dir)) == [steps[0], steps[0] + 2]
+  assert f'TRAIN_STEPS = {steps[0] + 2}' in (model_dir / 'config.gin').read_text()
