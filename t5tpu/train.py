@@ -165,7 +165,7 @@ def train(*,
   else:
     seed = _resolve_seed(random_seed, None)
     state = trainer.init_state(jax.random.PRNGKey(seed))
-    dataset_state = {'seed': seed, 'position': 0, 'fresh': True}
+    dataset_state = {'seed': seed, 'position': 0}
     log.info('initialised from scratch (seed %d)', seed)
 
   start_step = int(jax.device_get(state.step))
@@ -202,6 +202,7 @@ def train(*,
                 'TRAIN_STEPS to train further.', total_steps)
     if run_eval_before_training:
       run_evals(start_step)
+    writer.close()
     checkpointer.close()
     return state
 
@@ -210,8 +211,10 @@ def train(*,
     run_evals(start_step)
 
   shard_id, num_shards = partitioning.data_shard(partitioner.mesh)
+  # The shuffle seed: DatasetConfig.seed if set, else the run's seed (kept in checkpoints).
+  data_seed = train_dataset_cfg.seed if train_dataset_cfg.seed is not None else seed
   make_ds = lambda s: data_lib.get_dataset(train_dataset_cfg, shard_id, num_shards, seed=s)
-  iterator = data_lib.InputIterator(make_ds, seed, position)
+  iterator = data_lib.InputIterator(make_ds, data_seed, position)
   first = next(iterator)
   batch_shardings = trainer.batch_shardings(first)
 
