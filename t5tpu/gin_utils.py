@@ -76,6 +76,10 @@ def parse_flags(argv: Sequence[str], description: str, macro_flags=None):
   return args
 
 
+def _not_gin_search_noise(record: logging.LogRecord) -> bool:
+  return not ('/gin/' in record.pathname and 'Path not found' in record.getMessage())
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str] = (), finalize: bool = True) -> None:
   """Parses gin files and bindings with the project's gin/ directory on the search path.
@@ -83,6 +87,10 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   `finalize=False` skips the check that every %gin.REQUIRED macro is set (`t5tpu plan`
   needs the model and partitioning of a run gin, not its MODEL_DIR or task).
   """
+  # gin logs an ERROR on the root logger for every search path it tries before it finds a file.
+  root = logging.getLogger()
+  if _not_gin_search_noise not in root.filters:
+    root.addFilter(_not_gin_search_noise)
   paths = [os.getcwd(), *[p for p in search_paths if p], gin_config_dir()]
   for path in paths:
     gin.add_config_file_search_path(path)
@@ -105,9 +113,6 @@ def setup(argv: Sequence[str], description: str, macro_flags=None):
                       stream=sys.stderr, force=True)
   for noisy in ('absl', 'jax._src', 'orbax', 'tensorflow'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  # gin logs an ERROR for every search path it tries before it finds an included file.
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(lambda r: not ('/gin/' in r.pathname and 'Path not found' in r.getMessage()))
   logging.getLogger().addFilter(
       lambda r: not ('/gin/' in r.pathname and r.levelno < logging.WARNING))
   args = parse_flags(argv, description, macro_flags)
