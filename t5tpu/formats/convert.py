@@ -1,6 +1,7 @@
 """`t5tpu convert`: checkpoints from any supported format to Hugging Face, legacy T5X or orbax.
 
-  t5tpu convert --from=/runs/qa --to=/export/qa-hf --to_format=hf
+  t5tpu convert --from=/runs/qa --to=/export/qa-hf --to_format=hf \
+      --vocab=gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model
   t5tpu convert --from=gs://t5-data/pretrained_models/t5.1.1.small/model.ckpt-1000000 \\
       --to=/ckpts/t5_1_1_small --to_format=orbax
   t5tpu convert --from=/export/flan-t5-base --to=/ckpts/flan --to_format=t5x_legacy
@@ -10,6 +11,9 @@ orbax checkpoint_N, MTF model.ckpt-N or its directory, HF model dir), or a MODEL
 latest checkpoint is taken. The model's shape comes from the HF config.json, else from
 --model_gin (a gin file or a name such as t5_1_1/base), else from the parameter shapes
 (gated FFN => T5 1.1's gated GELU, else ReLU; relative attention max distance 128).
+
+For --to_format=hf, --vocab (the run's SentencePiece model; --vocab_extra_ids as in its
+seqio.SentencePieceVocabulary) also writes the T5Tokenizer files, so the export serves text.
 
 --to for t5x_legacy and orbax is either a checkpoint_<step> directory or a MODEL_DIR that
 receives checkpoint_<step>. Writing them keeps the Adafactor state when the source has one
@@ -187,16 +191,39 @@ def build_parser() -> argparse.ArgumentParser:
                  help='t5x_legacy: arrays at least this big go to zarr folders '
                       '(0: all; default 64 KiB)')
   p.add_argument('--overwrite', action='store_true', help='replace an existing output')
+  p.add_argument('--vocab', default=None,
+                 help="hf: the model's SentencePiece model file (local or gs://); writes the "
+                      'T5Tokenizer files beside the weights')
+  p.add_argument('--vocab_extra_ids', type=int, default=0,
+                 help='hf: extra_ids of the vocabulary (0 for cc_all.32000.100extra, the '
+                      "model gins' default; 100 for the t5 library's cc_all.32000)")
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+  parser = build_parser()
+  args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+  if args.vocab and args.to_format != 'hf':
+    parser.error('--vocab writes a Hugging Face tokenizer: use it with --to_format=hf')
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  spm = None
+  if args.vocab:  # checked before anything is written
+    from t5tpu.formats import hf
+    try:
+      spm = hf.load_sentencepiece(args.vocab)
+    except ValueError as e:
+      parser.error(f'--vocab: {e}')
   state, cfg, src = read(args.source, args.model_gin)
   out = write(state, cfg, args.to, args.to_format, dtype=args.dtype,
               params_only=args.params_only, zarr_min_bytes=args.zarr_min_bytes,
               overwrite=args.overwrite)
+  if args.to_format == 'hf':
+    from t5tpu.formats import hf
+    if spm:
+      hf.write_tokenizer(out, spm, args.vocab_extra_ids)
+    else:
+      log.warning('no tokenizer written (weights only): add --vocab=<the SentencePiece model '
+                  'the run trained with> to serve text with AutoTokenizer')
   step = int(state.get('state', {}).get('step', 0))
   print(f'{src} -> {out} ({args.to_format}, step {step}): {model_shapes.describe(cfg)}')
 

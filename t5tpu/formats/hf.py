@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = 'config.json'
 SAFETENSORS_NAME = 'model.safetensors'
+TOKENIZER_FILES = ('spiece.model', 'tokenizer_config.json', 'special_tokens_map.json')
 
 # HF activation names (transformers' ACT2FN) <-> the network's (t5tpu.network._ACTIVATIONS)
 _ACT_FROM_HF = {'relu': 'relu', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu',
@@ -310,4 +311,54 @@ def write(path: str, params: dict, cfg: network.T5Config, dtype: Optional[str] =
     storage.filesystem(path).put(local.rstrip('/') + '/', path.rstrip('/') + '/',
                                  recursive=True)
   log.info('wrote Hugging Face T5 to %s (%s, %s)', path, _describe(cfg), stored)
+  return path
+
+
+def load_sentencepiece(path: str) -> bytes:
+  """The bytes of a SentencePiece model that transformers' T5Tokenizer reproduces exactly.
+
+  That tokenizer is always a Unigram model (as T5's vocabularies are); a BPE SentencePiece
+  model would be re-read as Unigram and split words differently from training.
+  """
+  from sentencepiece import sentencepiece_model_pb2
+  with storage.open_file(path, 'rb') as f:
+    data = f.read()
+  proto = sentencepiece_model_pb2.ModelProto()
+  try:
+    proto.ParseFromString(data)
+  except Exception as e:  # protobuf's DecodeError
+    raise ValueError(f'{path} is not a SentencePiece model ({e})') from e
+  kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+  if kind != 'UNIGRAM':
+    raise ValueError(
+        f'{path} is a {kind} SentencePiece model, but transformers\' T5Tokenizer is Unigram '
+        'only, so the exported tokenizer would not split text as the model was trained. '
+        'Export the weights without --vocab and tokenize with sentencepiece directly.')
+  return data
+
+
+def write_tokenizer(path: str, sentencepiece_model: str | bytes, extra_ids: int = 0) -> str:
+  """Writes a `T5Tokenizer` for the model's SentencePiece vocabulary into `path`.
+
+  `sentencepiece_model` (a file, or load_sentencepiece's bytes) and `extra_ids` are
+  seqio.SentencePieceVocabulary's arguments (the model gins' `cc_all.32000.100extra` holds
+  its sentinels already: extra_ids 0; the t5 library's `cc_all.32000` needs 100). Both
+  libraries number extra ids from the top down, so `AutoTokenizer.from_pretrained(path)`
+  gives the ids the model was trained on.
+  """
+  spm = (sentencepiece_model if isinstance(sentencepiece_model, bytes)
+         else load_sentencepiece(sentencepiece_model))
+  special = {'eos_token': '</s>', 'unk_token': '<unk>', 'pad_token': '<pad>'}
+  sentinels = [f'<extra_id_{i}>' for i in range(extra_ids)]
+  if sentinels:
+    special['additional_special_tokens'] = sentinels
+  config = {'tokenizer_class': 'T5Tokenizer', 'extra_ids': extra_ids, 'model_max_length': 512,
+            'legacy': True, **special}
+  files = {'spiece.model': spm, 'tokenizer_config.json': json.dumps(config, indent=2).encode(),
+           'special_tokens_map.json': json.dumps(special, indent=2).encode()}
+  storage.makedirs(path)
+  for name, data in files.items():
+    with storage.open_file(storage.join(path, name), 'wb') as f:
+      f.write(data)
+  log.info('wrote the T5 tokenizer (extra_ids=%d) to %s', extra_ids, path)
   return path

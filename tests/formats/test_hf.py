@@ -114,3 +114,34 @@ def test_config_conventions():
   assert cfg.mlp_activations == ('gelu', 'linear') and cfg.num_decoder_layers == 8
   with pytest.raises(ValueError, match='only T5'):
     hf.config_from_hf(dict(t5_small, model_type='bart'))
+
+
+def test_export_with_tokenizer_tokenizes_like_seqio(tmp_path):
+  """The exported T5Tokenizer gives seqio's ids (plus EOS), sentinels and NFKC included."""
+  import seqio
+  spm = os.path.join(os.path.dirname(seqio.__file__), 'test_data', 'sentencepiece',
+                     'sentencepiece.model')  # a Unigram, nmt_nfkc model like T5's
+  hf.write_tokenizer(str(tmp_path), spm, extra_ids=3)
+  vocab = seqio.SentencePieceVocabulary(spm, extra_ids=3)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert len(tokenizer) == vocab.vocab_size
+  for text in ['this is a test', 'the fox <extra_id_0> ran <extra_id_2>', 'ﬁne  TEXT, x²!']:
+    ids = tokenizer(text).input_ids
+    assert ids == list(vocab.encode(text)) + [vocab.eos_id], text
+  assert tokenizer.convert_tokens_to_ids('<extra_id_0>') == vocab.vocab_size - 1
+  assert tokenizer.decode(vocab.encode('this is a test')) == vocab.decode(
+      vocab.encode('this is a test'))
+
+
+def test_tokenizer_export_refuses_bpe_before_writing(tmp_path):
+  """transformers' T5Tokenizer is Unigram only: a BPE vocabulary would split text differently."""
+  from t5tpu.formats import convert
+  from tasks import knowledge  # its shipped SentencePiece model is BPE
+  with pytest.raises(ValueError, match='BPE SentencePiece model'):
+    hf.load_sentencepiece(knowledge.SPM_PATH)
+  cfg = common.small_config(True)
+  hf.write(str(tmp_path / 'src'), common.random_params(cfg), cfg)
+  with pytest.raises(SystemExit):
+    convert.main([f'--from={tmp_path / "src"}', f'--to={tmp_path / "out"}', '--to_format=hf',
+                  f'--vocab={knowledge.SPM_PATH}'])
+  assert not (tmp_path / 'out').exists()
