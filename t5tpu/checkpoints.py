@@ -26,6 +26,11 @@ import orbax.checkpoint as ocp
 from t5tpu import storage
 
 log = logging.getLogger(__name__)
+# Reading one item (`checkpoint_N/state`) on its own, orbax warns that the item folder has no
+# step metadata; that file lives one level up, so the warning says nothing wrong.
+logging.getLogger('absl').addFilter(
+    lambda r: not ('Metadata file does not exist' in r.getMessage()
+                   and r.getMessage().rstrip().endswith('/state/_CHECKPOINT_METADATA')))
 STEP_PREFIX = 'checkpoint'
 _STEP_RE = re.compile(r'^checkpoint_(\d+)$')
 
