@@ -347,7 +347,9 @@ def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Option
     while hi - lo > max(step, relative_resolution * lo):
       cand = floor((lo + hi) // 2)
       guess = predicted() if last_fit else None
-      if guess is not None:
+      # A line that reaches HBM at or beyond `hi` is refuted by `hi` itself (memory is not
+      # linear there, e.g. the compiler started rematerialising): bisect instead.
+      if guess is not None and floor(guess) < hi:
         cand = min(max(floor(guess), lo + step), hi - step)
       if not lo < cand < hi:
         break

@@ -100,6 +100,24 @@ def test_bisection_logic(unit, per_example, start, expect, power):
       unit, 0.25 * coarse.best.batch_size)
 
 
+def test_bisection_drops_a_line_that_a_failure_refuted():
+  """Peak memory flat, then steep (as when the compiler starts rematerialising): the line
+  through two flat points predicts a huge batch; once that batch fails, bisect instead of
+  probing just below it (seen on t5_1_1/base, v4-8: 4096 failed, then 4094 was compiled)."""
+
+  class Kinked(_FakeSetup):
+    def compile(self, b):
+      self.compiled.append(b)
+      peak = 1 + 0.001 * b + (0.02 * (b - 1000) if b > 1000 else 0)
+      return plan.Plan('v4-8', b, {}, self.hbm, peak <= self.hbm, peak=peak)
+
+  setup = Kinked(unit=2, per_example=0.0, batch_size=32)
+  search = plan.find_max_batch(setup, start=32, limit=4096)
+  assert (search.best.batch_size, search.smallest_failure.batch_size) == (1380, 1382)
+  assert setup.compiled[:3] == [32, 64, 4096] and 4094 not in setup.compiled
+  assert len(setup.compiled) <= 9, setup.compiled
+
+
 @pytest.mark.timeout(300)
 def test_cli_from_gin(tmp_path):
   """The run's gin decides model, partitioning and batch; the topology's devices are used."""
