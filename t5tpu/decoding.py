@@ -11,12 +11,10 @@ max_decode_length], best first), EOS included, zeros after it.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from t5tpu.network import Transformer
 

@@ -13,7 +13,6 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-import jax
 
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib

@@ -152,7 +152,6 @@ def global_batch_from_host(batch, shardings):
 def iterate_padded_batches(ds, batch_size: int):
   """(indices, batch, n_real) from an enumerated dataset of model features, padded to a
   full batch so one compiled program serves every batch."""
-  import numpy as np
   rows, indices = [], []
   for index, features in ds.as_numpy_iterator():
     rows.append(features)

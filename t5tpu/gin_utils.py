@@ -11,7 +11,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import gin
 

@@ -8,8 +8,6 @@ nothing to do; a smaller one is an error. SIGTERM (preemption) saves a checkpoin
 from __future__ import annotations
 
 import logging
-import math
-import os
 import signal
 import sys
 import time

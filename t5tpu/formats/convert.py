@@ -206,9 +206,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   if args.vocab and args.to_format != 'hf':
     parser.error('--vocab writes a Hugging Face tokenizer: use it with --to_format=hf')
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  from t5tpu.formats import hf
   spm = None
   if args.vocab:  # checked before anything is written
-    from t5tpu.formats import hf
     try:
       spm = hf.load_sentencepiece(args.vocab)
     except ValueError as e:
@@ -218,7 +218,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               params_only=args.params_only, zarr_min_bytes=args.zarr_min_bytes,
               overwrite=args.overwrite)
   if args.to_format == 'hf':
-    from t5tpu.formats import hf
     if spm:
       hf.write_tokenizer(out, spm, args.vocab_extra_ids)
     else:

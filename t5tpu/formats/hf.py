@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = 'config.json'
 SAFETENSORS_NAME = 'model.safetensors'
-TOKENIZER_FILES = ('spiece.model', 'tokenizer_config.json', 'special_tokens_map.json')
 
 # HF activation names (transformers' ACT2FN) <-> the network's (t5tpu.network._ACTIVATIONS)
 _ACT_FROM_HF = {'relu': 'relu', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu',

@@ -2,8 +2,6 @@
 import io
 import os
 
-import pytest
-
 from t5tpu import checkpoints, gcs, storage
 
 
