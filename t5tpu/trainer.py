@@ -190,8 +190,8 @@ class Trainer:
 def train_flops_per_example(cfg, input_length: int, target_length: int) -> float:
   """Model FLOPs of one training example (forward + backward = 6 x multiply-accumulates).
 
-  Follows the count in ../shared/reference/anchors.md: projections, FFN, attention scores and
-  values, cross-attention keys/values per input token, and the logits layer.
+  The usual transformer count: projections, FFN, attention scores and values, cross-attention
+  keys/values per input token, and the logits layer (embedding lookups and norms excluded).
   """
   d, inner, ff, vocab = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
   n_ffn = len(cfg.mlp_activations) + 1  # wi (or wi_0, wi_1) and wo

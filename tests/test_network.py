@@ -8,9 +8,6 @@ from flax import serialization, traverse_util
 
 from t5tpu import model_shapes, network
 
-FIXTURE = '../shared/fixtures/t5x/test_t5_tiny.checkpoint_0'
-
-
 def abstract_params(cfg, enc_len=8, dec_len=4):
   model = network.Transformer(cfg)
   ones = lambda n: jnp.ones((2, n), jnp.int32)
@@ -23,9 +20,9 @@ def flat_shapes(boxed):
 
 
 def fixture_path():
+  """t5x's own test checkpoint, shipped in tests/fixtures/t5x (Apache 2.0, see README there)."""
   import os
-  here = os.path.dirname(__file__)
-  return os.path.join(here, '..', '..', 'shared', 'fixtures', 't5x', 'test_t5_tiny.checkpoint_0')
+  return os.path.join(os.path.dirname(__file__), 'fixtures', 't5x', 'test_t5_tiny.checkpoint_0')
 
 
 def test_t5_1_1_tree_equals_t5x_fixture():

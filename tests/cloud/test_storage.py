@@ -99,7 +99,7 @@ def test_gcs_init_cp_du(fake_gcs, tmp_path, monkeypatch):
 
 def test_model_storage_needs_known_counts():
   rows = {r['model']: r for r in gcs.model_storage_needs(['t5_1_1/base', 't5_1_0/small'])}
-  assert rows['t5_1_1/base']['params'] == 247_577_856  # t5x's count (../shared/reference)
+  assert rows['t5_1_1/base']['params'] == 247_577_856  # t5x's published parameter count
   assert rows['t5_1_0/small']['params_fp32'] == 4 * rows['t5_1_0/small']['params']
   # Adafactor's factored second moments add well under 1% for T5 shapes.
   extra = rows['t5_1_1/base']['train_checkpoint'] / rows['t5_1_1/base']['params_fp32']

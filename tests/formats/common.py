@@ -14,8 +14,7 @@ from t5tpu.formats import flatten
 
 def fixture_path() -> str:
   """t5x's test_t5_tiny.checkpoint_0 (a T5.1.1 tiny legacy msgpack with Adafactor state)."""
-  here = os.path.dirname(__file__)
-  return os.path.join(here, '..', '..', '..', 'shared', 'fixtures', 't5x',
+  return os.path.join(os.path.dirname(__file__), '..', 'fixtures', 't5x',
                       'test_t5_tiny.checkpoint_0')
 
 
