@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t5tpu import distributed
 from t5tpu import storage
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ class SaveCheckpointConfig:
   period: Optional[int] = 1000  # steps between checkpoints (the final step always saves)
   keep: Optional[int] = None  # how many to keep; None keeps all
   dtype: str = 'float32'  # dtype of the saved parameters
-  save_dataset: bool = True  # store the input position (exact resume)
   async_save: bool = True
 
 
@@ -124,8 +125,9 @@ class Checkpointer:
         enable_async_checkpointing=self.save_cfg.async_save)
     self.manager = ocp.CheckpointManager(
         storage.orbax_path(model_dir), options=options, item_names=('state', 'dataset'))
+    self.saved_step: Optional[int] = None
 
-  def save(self, state, dataset_state: Optional[dict] = None, force_sync: bool = False):
+  def save(self, state, dataset_state: Optional[dict] = None):
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return False
@@ -135,12 +137,13 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(tree)}
     items['dataset'] = ocp.args.JsonSave(dataset_state or {})
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-    if force_sync:
-      self.manager.wait_until_finished()
+    self.saved_step = step
     return True
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def latest_saved(self) -> Optional[int]:
+    """The newest checkpoint of MODEL_DIR, this run's own saves included."""
+    steps = self.manager.all_steps()
+    return max(steps) if steps else None
 
   def restore(self, step: int, template_state, shardings):
     """Restores checkpoint_<step> into the layout of template_state (abstract is fine)."""
@@ -153,9 +156,69 @@ class Checkpointer:
     state = jax.tree.map(lambda x: x.copy(), state)
     return state, dict(restored['dataset'] or {})
 
+  def restore_latest_whole(self, template_state, shardings, check_fits=None):
+    """The newest checkpoint that reads back whole: (step, state, dataset state), or None.
+
+    A checkpoint with a missing or truncated file (a disk that filled up, a copy cut short)
+    is set aside as `checkpoint_<N>.unreadable-<time>` with a warning naming it, and the
+    previous one is tried: never a crash, and never a silent restart from scratch while
+    readable checkpoints exist. `check_fits(step_dir, shapes)` raises when a checkpoint is
+    of another model (that is the user's mistake, not damage: no fall-back then).
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    unreadable = []
+    for step in steps:
+      path = step_dir(self.model_dir, step)
+      try:
+        shapes = param_shapes(path)
+      except Exception as e:  # pylint: disable=broad-except
+        unreadable.append(self._set_aside(path, e))
+        continue
+      if check_fits is not None:
+        check_fits(path, shapes)
+      try:
+        state, dataset_state = self.restore(step, template_state, shardings)
+      except Exception as e:  # pylint: disable=broad-except
+        unreadable.append(self._set_aside(path, e))
+        continue
+      return step, state, dataset_state
+    if unreadable:
+      from t5tpu import errors
+      raise errors.UserError(
+          f'every checkpoint in MODEL_DIR {self.model_dir} is unreadable (set aside: '
+          f'{", ".join(unreadable)}). Not starting from scratch over them: restore a copy, or '
+          'use a new MODEL_DIR.')
+    return None
+
+  def _set_aside(self, path: str, error: Exception) -> str:
+    aside = f'{path}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else repr(error)
+    log.warning('checkpoint %s is damaged (%s: %s); moving it aside to %s and resuming from '
+                'the previous whole checkpoint', path, type(error).__name__, reason, aside)
+    if distributed.is_primary():
+      storage.move(path, aside)
+    self.manager.reload()
+    return aside
+
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def param_shapes(path: str) -> dict:
+  """{parameter name: shape} of an orbax checkpoint dir's `target`, from its metadata only."""
+  from flax import traverse_util
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    meta = checkpointer.metadata(storage.orbax_path(storage.join(path, 'state')))
+  finally:
+    checkpointer.close()
+  tree = getattr(meta, 'item_metadata', meta)
+  tree = getattr(tree, 'tree', tree)
+  if not isinstance(tree, dict) or 'target' not in tree:
+    raise ValueError(f'{path}: no parameters (target) in the checkpoint metadata')
+  flat = traverse_util.flatten_dict(tree['target'], sep='/')
+  return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
 
 
 def _abstract_state_dict(template_state, shardings, optimizer_def):

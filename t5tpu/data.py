@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
+from t5tpu import errors
+
 log = logging.getLogger(__name__)
 
 
@@ -41,15 +43,73 @@ def import_task_module(name: Optional[str]):
     importlib.import_module(name)
 
 
+class UnknownTaskError(errors.UserError):
+  pass
+
+
 def get_task(name: str):
+  import difflib
   import seqio
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError as e:
-    raise ValueError(
-        f'no seqio task or mixture named {name!r}. Import the module that registers it: '
-        "add `import tasks.<module>` to your gin file or set DatasetConfig.module "
-        f'(known tasks: {", ".join(sorted(seqio.TaskRegistry.names())[:20])} ...)') from e
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+    hint = f' Did you mean {" or ".join(close)}?' if close else ''
+    raise UnknownTaskError(
+        f'no seqio task or mixture named {name!r}.{hint} Import the module that registers '
+        "it: add `import tasks.<module>` to your gin file or set MIXTURE_OR_TASK_MODULE "
+        f'(registered now: {", ".join(known[:20])}{" ..." if len(known) > 20 else ""})'
+    ) from None
+
+
+def check_task(cfg: DatasetConfig, model) -> None:
+  """Refuses, before anything is written, a task the model cannot train on.
+
+  T5's relative position buckets have no maximum length, so any positive feature length is
+  valid; what is checked is that the task has the encoder-decoder features, that lengths are
+  positive integers, and that the task tokenises with the model's vocabularies (a different
+  vocabulary trains without error but on ids that mean other pieces, or beyond the embedding).
+  """
+  import_task_module(cfg.module)
+  task = get_task(cfg.mixture_or_task_name)
+  name = cfg.mixture_or_task_name
+  lengths = cfg.task_feature_lengths
+  if lengths is not None:
+    for key in ('inputs', 'targets'):
+      value = lengths.get(key) if hasattr(lengths, 'get') else None
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise errors.UserError(
+            f'TASK_FEATURE_LENGTHS={dict(lengths)!r}: {key!r} must be a positive number of '
+            "tokens, e.g. TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 128}")
+  vocab_size = model.config.vocab_size
+  for feature, model_vocab in (('inputs', model.input_vocabulary),
+                               ('targets', model.output_vocabulary)):
+    feat = task.output_features.get(feature)
+    if feat is None:
+      raise errors.UserError(
+          f'task {name!r} has no {feature!r} feature (it has '
+          f'{sorted(task.output_features)}); an encoder-decoder T5 needs inputs and targets')
+    vocab = feat.vocabulary
+    if model_vocab is not None and vocab != model_vocab:
+      raise errors.UserError(
+          f'task {name!r} tokenises {feature!r} with {_describe_vocab(vocab)}, but the model '
+          f'uses {_describe_vocab(model_vocab)}: the ids would mean other pieces. Register the '
+          'task with the model\'s vocabulary (tasks use the gin binding '
+          'seqio.SentencePieceVocabulary.sentencepiece_model_file, as the model gins do), or '
+          'bind the model to the task\'s.')
+    if vocab.vocab_size > vocab_size:
+      raise errors.UserError(
+          f'task {name!r}: its {feature!r} vocabulary has {vocab.vocab_size} ids but the '
+          f'model\'s embedding has {vocab_size}: use a model gin with vocab_size >= '
+          f'{vocab.vocab_size}')
+
+
+def _describe_vocab(vocab) -> str:
+  path = getattr(vocab, 'sentencepiece_model_file', None)
+  extra = getattr(vocab, 'extra_ids', 0)
+  where = f' {path}' if path else ''
+  return f'{type(vocab).__name__}{where} ({vocab.vocab_size} ids, {extra} extra)'
 
 
 def feature_converter(pack: bool):
@@ -80,20 +140,61 @@ def get_dataset(cfg: DatasetConfig, shard_id: int = 0, num_shards: int = 1,
 
 
 class InputIterator:
-  """Numpy batches from a tf.data pipeline, with a resumable position.
+  """Numpy batches from a tf.data pipeline, with a position a restarted run can resume at.
 
-  `state()` is what checkpoints store; `InputIterator.resume(make_ds, state)` rebuilds the
-  pipeline with the same seed and skips the batches already consumed.
+  Resuming must not cost time in proportion to the step: replaying every consumed example
+  through preprocessing (`ds.skip(position)`) re-tokenises millions of examples at step 100k.
+  So the iterator can take a *snapshot*: tf.data's own serialised iterator state (shuffle
+  buffers and file offsets included), small and exact. A restart restores the newest snapshot
+  at or before its position and skips only the few batches after it. Pipelines tf.data cannot
+  serialise (Python generators, py_function) fall back to skipping, with a log line.
   """
 
-  def __init__(self, make_dataset, seed: int, position: int = 0):
+  def __init__(self, make_dataset, seed: int, position: int = 0,
+               snapshot: Optional[Mapping[str, Any]] = None, fingerprint: str = ''):
     self.seed = seed
     self.position = position
+    self.fingerprint = fingerprint
+    self._snapshots_ok = True
     ds = make_dataset(seed)
-    if position:
-      log.info('input pipeline: skipping %d batches already trained on', position)
-      ds = ds.skip(position)
-    self._it = iter(ds.as_numpy_iterator())
+    self.element_spec = ds.element_spec
+    start = self._usable_snapshot(snapshot, position)
+    if start is None:
+      if position:
+        log.info('input pipeline: no snapshot of the input position; replaying %d batches '
+                 'already trained on', position)
+      self._it = iter(ds.skip(position) if position else ds)
+    else:
+      self._it = iter(ds)
+      try:
+        self._restore(snapshot['state'])
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning('input pipeline: the saved input position does not restore into this '
+                    'pipeline (%s); replaying instead', str(e).splitlines()[0][:200])
+        self._it = iter(ds.skip(position))
+        return
+      self._skip(position - start)
+
+  def _usable_snapshot(self, snapshot, position) -> Optional[int]:
+    if not snapshot:
+      return None
+    if snapshot.get('fingerprint') != self.fingerprint:
+      log.warning('input pipeline: the saved input position belongs to another data set-up '
+                  '(task, split, lengths, batch or shards changed); replaying instead')
+      return None
+    start = int(snapshot['position'])
+    return start if start <= position else None
+
+  def _restore(self, encoded: str) -> None:
+    import base64
+    import tensorflow as tf
+    state = tf.io.parse_tensor(base64.b64decode(encoded), tf.variant)
+    tf.raw_ops.DeserializeIterator(resource_handle=self._it._iterator_resource,  # pylint: disable=protected-access
+                                   serialized=state)
+
+  def _skip(self, n: int) -> None:
+    for _ in range(n):
+      next(self._it)
 
   def __iter__(self):
     return self
@@ -101,10 +202,33 @@ class InputIterator:
   def __next__(self) -> Dict[str, np.ndarray]:
     batch = next(self._it)
     self.position += 1
-    return batch
+    return {k: v.numpy() for k, v in batch.items()}
 
-  def state(self) -> dict:
-    return {'position': self.position, 'seed': self.seed}
+  def snapshot(self) -> Optional[dict]:
+    """The pipeline's state at the current position (JSON-ready), or None if tf.data cannot
+    serialise this pipeline."""
+    if not self._snapshots_ok:
+      return None
+    import base64
+    import tensorflow as tf
+    try:
+      state = tf.raw_ops.SerializeIterator(
+          resource_handle=self._it._iterator_resource,  # pylint: disable=protected-access
+          external_state_policy=2)  # FAIL: a pipeline with Python state cannot resume exactly
+      encoded = base64.b64encode(tf.io.serialize_tensor(state).numpy()).decode('ascii')
+    except (tf.errors.OpError, ValueError, TypeError) as e:
+      log.info('input pipeline: tf.data cannot snapshot this pipeline (%s); a resumed run '
+               'will replay the batches it already trained on', str(e).splitlines()[0])
+      self._snapshots_ok = False
+      return None
+    return {'position': self.position, 'fingerprint': self.fingerprint, 'state': encoded}
+
+
+def fingerprint(cfg: DatasetConfig, shard_id: int, num_shards: int) -> str:
+  """What an input position is relative to: a snapshot is only valid for the same set-up."""
+  lengths = sorted((cfg.task_feature_lengths or {}).items())
+  return (f'{cfg.mixture_or_task_name}|{cfg.split}|{lengths}|{cfg.batch_size}|{cfg.pack}|'
+          f'{cfg.shuffle}|{cfg.num_epochs}|{shard_id}/{num_shards}')
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any]):
@@ -124,23 +248,66 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], shardings: Mapping[
 
 
 class DevicePrefetcher:
-  """Moves the next batches to the devices in a background thread (hides host->device time)."""
+  """Moves the next batches to the devices in a background thread (hides host->device time).
 
-  def __init__(self, iterator: Iterator, shardings: Mapping[str, Any], size: int = 2):
+  It runs ahead of the train step, so the input iterator's own position is ahead of the
+  trained one; with `snapshot_every`, it snapshots the iterator each time that many batches
+  have been read, and `snapshot_at(position)` gives the newest snapshot at or before a trained
+  position (what a checkpoint stores). `close()` stops the thread.
+  """
+
+  def __init__(self, iterator: Iterator, shardings: Mapping[str, Any], size: int = 2,
+               snapshot_every: Optional[int] = None):
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._iterator = iterator
     self._shardings = shardings
+    self._snapshot_every = snapshot_every
+    self._snapshots: Dict[int, dict] = {}
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._take_snapshot(force=True)
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
+
+  def _take_snapshot(self, force: bool = False) -> None:
+    take = getattr(self._iterator, 'snapshot', None)
+    every = self._snapshot_every
+    if take is None or not every:
+      return
+    position = self._iterator.position
+    if not force and position % every:
+      return
+    snap = take()
+    if snap is not None:
+      with self._lock:
+        self._snapshots[position] = snap
+        for old in sorted(self._snapshots)[:-3]:  # the checkpointed one is among the newest
+          del self._snapshots[old]
+
+  def snapshot_at(self, position: int) -> Optional[dict]:
+    with self._lock:
+      usable = [p for p in self._snapshots if p <= position]
+      return self._snapshots[max(usable)] if usable else None
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def _run(self):
     try:
       for batch in self._iterator:
-        self._queue.put(make_global_batch(batch, self._shardings))
+        self._take_snapshot()
+        if not self._put(make_global_batch(batch, self._shardings)):
+          return
     except Exception as e:  # surfaced on the consumer side
-      self._queue.put(e)
+      self._put(e)
       return
-    self._queue.put(StopIteration())
+    self._put(StopIteration())
 
   def __iter__(self):
     return self
@@ -150,3 +317,7 @@ class DevicePrefetcher:
     if isinstance(item, BaseException):
       raise item
     return item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=30)

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Sequence
 
+from t5tpu import errors
 from t5tpu import storage
 
 DEMO_GIN = 'examples/knowledge_demo.gin'
@@ -55,6 +56,7 @@ def plot_curves(model_dir: str) -> str:
   return path
 
 
+@errors.report_user_errors
 def main(argv: Sequence[str] = ()) -> None:
   parser = argparse.ArgumentParser(
       prog='t5tpu demo', description=__doc__.split('\n\n')[0],

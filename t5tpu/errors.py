@@ -19,8 +19,9 @@ EXIT_USER_ERROR = 2
 _GIN_CONTEXT = re.compile(r"^\s+In call to configurable ")
 
 
-class UserError(Exception):
-  """Bad input: the message names the problem and the fix."""
+class UserError(ValueError):
+  """Bad input: the message names the problem and the fix (a ValueError, as Python
+  reports bad arguments)."""
 
 
 def message(error: BaseException) -> str:

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
 from t5tpu import distributed
+from t5tpu import errors
 from t5tpu import evaluation
 from t5tpu import initial_checkpoint
 from t5tpu import models
@@ -106,6 +107,7 @@ def format_table(results: dict) -> str:
   return '\n'.join(lines)
 
 
+@errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
   import gin
   from t5tpu import gin_utils

@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from t5tpu import errors
 from t5tpu import storage
 
 LAYOUT = ('models/', 'data/', 'tfds/')
@@ -180,6 +181,7 @@ def cp(src: str, dst: str, out=sys.stdout) -> int:
   return total
 
 
+@errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
   p = argparse.ArgumentParser(prog='t5tpu gcs', description=__doc__.split('\n\n')[0])
   sub = p.add_subparsers(dest='command', required=True)

@@ -13,7 +13,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import gin
 
@@ -53,7 +53,8 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[List[str], List[str]]:
     if arg.startswith('--gin.'):
       name, sep, value = arg[len('--gin.'):].partition('=')
       if not sep:
-        raise ValueError(f'{arg!r}: expected --gin.NAME=VALUE')
+        from t5tpu import errors
+        raise errors.UserError(f'{arg!r}: expected --gin.NAME=VALUE, e.g. --gin.TRAIN_STEPS=1000')
       bindings.append(f'{name} = {value}')
     else:
       rest.append(arg)
@@ -75,7 +76,57 @@ def parse_flags(argv: Sequence[str], description: str, macro_flags=None):
     if value is not None:
       bindings.append(f'{macro} = {value!r}')
   args.gin_bindings = list(args.gin_bindings) + bindings
+  args.user_bindings = [b for b in bindings if not any(
+      b.startswith(f'{macro} =') for macro, _ in (macro_flags or {}).values())]
   return args
+
+
+def _macro_name(binding: str) -> Optional[str]:
+  """'TRAIN_STEPS = 5' -> 'TRAIN_STEPS'; None for bindings of a configurable's parameter."""
+  name = binding.partition('=')[0].strip()
+  return name if name and '.' not in name and '/' not in name else None
+
+
+def _referenced_macros() -> set:
+  """Names of the macros some parsed binding refers to (`%NAME`)."""
+  from gin import config as gin_config
+  found = set()
+
+  def walk(value):
+    if isinstance(value, gin_config.ConfigurableReference):
+      if value.selector == 'gin.macro':
+        found.add(value.scoped_selector.rsplit('/', 1)[0])
+    elif isinstance(value, dict):
+      for v in value.values():
+        walk(v)
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        walk(v)
+
+  for params in gin_config._CONFIG.values():  # pylint: disable=protected-access
+    walk(params)
+  return found
+
+
+def check_macros_used(bindings: Sequence[str]) -> None:
+  """A macro set on the command line that no gin file uses is a typo: say so, don't train.
+
+  (`--gin.TRAIN_STEPZ=40` would otherwise be accepted silently and the run would train to the
+  gin file's TRAIN_STEPS.)
+  """
+  import difflib
+  used = _referenced_macros()
+  unused = [m for m in map(_macro_name, bindings) if m and m not in used]
+  if not unused:
+    return
+  from t5tpu import errors
+  lines = []
+  for name in unused:
+    close = difflib.get_close_matches(name, sorted(used), n=3, cutoff=0.6)
+    hint = f' Did you mean {" or ".join(close)}?' if close else ''
+    lines.append(f'--gin.{name}: no gin file uses a macro named {name}.{hint}')
+  lines.append(f'Macros these gin files use: {", ".join(sorted(used))}.')
+  raise errors.UserError('\n'.join(lines))
 
 
 def _not_gin_search_noise(record: logging.LogRecord) -> bool:
@@ -183,5 +234,12 @@ def setup(argv: Sequence[str], description: str, macro_flags=None):
   if args.seqio_additional_cache_dirs:
     import seqio
     seqio.add_global_cache_dirs(args.seqio_additional_cache_dirs.split(','))
-  parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths.split(','))
+  try:
+    parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths.split(','))
+  except (ValueError, IOError, TypeError, SyntaxError, ImportError) as e:
+    from t5tpu import errors
+    if isinstance(e, errors.UserError):
+      raise
+    raise errors.UserError(f'in the gin configuration: {errors.message(e)}') from e
+  check_macros_used(args.user_bindings)
   return args

@@ -22,6 +22,7 @@ import numpy as np
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
 from t5tpu import distributed
+from t5tpu import errors
 from t5tpu import evaluation
 from t5tpu import initial_checkpoint
 from t5tpu import models
@@ -221,6 +222,7 @@ MACRO_FLAGS = {
 }
 
 
+@errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
   import gin
   from t5tpu import gin_utils

@@ -22,22 +22,32 @@ import numpy as np
 from flax import traverse_util
 
 from t5tpu import checkpoints as ckpt_lib
-from t5tpu import storage
+from t5tpu import errors, storage
+from t5tpu.formats import CheckpointNotFoundError
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
-  pass
+class CheckpointMismatchError(errors.UserError):  # a ValueError too
+  """The checkpoint does not fit the configured model (the message lists every mismatch)."""
+
+
+EXPECTED_LAYOUTS = ('expected an orbax checkpoint dir (with state/), a T5X checkpoint_N dir '
+                    '(with a `checkpoint` file) or msgpack file, a TF/MTF prefix '
+                    '(model.ckpt-N, with .index beside it) or a Hugging Face model dir (with '
+                    'config.json)')
 
 
 def detect_format(path: str) -> str:
+  """'orbax' | 't5x_legacy' | 't5x_legacy_file' | 'mtf' | 'tf_dir' | 'hf', from what `path`
+  holds; CheckpointNotFoundError (a FileNotFoundError) when it holds none of them."""
   path = path.rstrip('/')
   if storage.exists(storage.join(path, 'state')):
     return 'orbax'
   if storage.exists(storage.join(path, 'checkpoint')) and not storage.exists(
       storage.join(path, 'checkpoint.index')):
-    head = storage.open_file(storage.join(path, 'checkpoint'), 'rb').read(64)
+    with storage.open_file(storage.join(path, 'checkpoint'), 'rb') as f:
+      head = f.read(64)
     if head.startswith(b'model_checkpoint_path'):
       return 'tf_dir'  # a TF checkpoint *directory* with a state file
     return 't5x_legacy'
@@ -47,10 +57,8 @@ def detect_format(path: str) -> str:
     return 'hf'
   if storage.exists(path) and not storage.isdir(path):
     return 't5x_legacy_file'  # a bare msgpack file, e.g. t5x's test_t5_tiny.checkpoint_0
-  raise FileNotFoundError(
-      f'no checkpoint at {path}: expected an orbax checkpoint dir (with state/), a T5X '
-      'checkpoint_N dir (with a `checkpoint` file), a TF/MTF prefix (model.ckpt-N, with '
-      '.index beside it) or a Hugging Face model dir (with config.json)')
+  what = 'the directory holds none of these' if storage.exists(path) else 'it does not exist'
+  raise CheckpointNotFoundError(f'no checkpoint at {path} ({what}): {EXPECTED_LAYOUTS}')
 
 
 def read_state_dict(path: str) -> dict:
@@ -58,7 +66,8 @@ def read_state_dict(path: str) -> dict:
   kind = detect_format(path)
   path = path.rstrip('/')
   if kind == 'orbax':
-    return ckpt_lib.read_state_dict(path)
+    from t5tpu.formats import t5x_orbax
+    return t5x_orbax.read_tree(path)
   if kind in ('t5x_legacy', 't5x_legacy_file'):
     from t5tpu.formats import t5x_legacy
     return t5x_legacy.read(path)
@@ -328,10 +337,12 @@ def load_params(path: str, trainer, restore_cfg=None):
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           layout.abstract.params, layout.shardings.params)
   if detect_format(path) == 'orbax' and not restore_cfg.assignment_map:
+    from t5tpu.formats import t5x_orbax
+    t5x_orbax.check_metadata(path)  # else orbax's bare JSONDecodeError
     try:
       params = ckpt_lib.restore_params(path.rstrip('/'), abstract)
       return ckpt_lib.cast_params(params, restore_cfg.dtype)
-    except (ValueError, KeyError) as e:  # shape or name mismatch: explain it below
+    except (ValueError, KeyError, OSError) as e:  # a mismatch, or damage: explained below
       log.info('direct restore failed (%s); checking names and shapes', e)
   params, _ = _match_params(read_state_dict(path), trainer, restore_cfg, path,
                            with_optimizer=False)

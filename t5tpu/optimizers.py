@@ -170,10 +170,11 @@ class Adafactor:
         delta = delta - self.weight_decay_rate * param
       return delta.astype(param.dtype), new
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, global_step=None, **extra_args):
+      del extra_args
       if params is None:
         raise ValueError('Adafactor needs the parameters (their scale sets the step size)')
-      lr = lr_fn(state.count)
+      lr = lr_fn(state.count if global_step is None else global_step)
       out = jax.tree.map(lambda g, s, p: update_one(g, s, p, state.count, lr),
                          grads, state.param_states, params, is_leaf=_is_slot_dict)
       is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and _is_slot_dict(x[1])
@@ -181,7 +182,7 @@ class Adafactor:
       new_states = jax.tree.map(lambda o: o[1], out, is_leaf=is_pair)
       return updates, AdafactorState(state.count + 1, new_states)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
   def state_partition_specs(self, param_specs, param_shapes):
     """PartitionSpecs of the state, derived from each parameter's spec and shape."""
@@ -224,11 +225,21 @@ class AdamW:
   max_grad_norm: Optional[float] = 1.0
 
   def make(self, learning_rate) -> optax.GradientTransformation:
+    """optax.adamw's chain, but the learning rate follows the *global* step.
+
+    optax's own schedule counts updates from the optimizer's creation: fine-tuning a t5x
+    checkpoint at step 1,000,000 with a fresh AdamW would apply the schedule's step-0 rate
+    while the log shows step 1,000,000's. The trainer passes `global_step` (the train
+    state's step) to every update, as t5x's schedules see it; Adam's bias correction keeps
+    counting its own (fresh) moments. The state tree is optax.adamw's.
+    """
     parts = []
     if self.max_grad_norm:
       parts.append(optax.clip_by_global_norm(self.max_grad_norm))
-    parts.append(optax.adamw(learning_rate, self.b1, self.b2, self.eps,
-                             weight_decay=self.weight_decay))
+    parts.append(optax.chain(
+        optax.scale_by_adam(self.b1, self.b2, self.eps),
+        optax.add_decayed_weights(self.weight_decay),
+        scale_by_schedule_at_global_step(learning_rate)))
     return optax.chain(*parts)
 
   def state_partition_specs(self, param_specs, param_shapes):
@@ -245,6 +256,27 @@ class AdamW:
   def state_from_dict(self, template, state_dict, step):
     del step  # optax keeps its own counters inside the state
     return serialization.from_state_dict(template, state_dict)
+
+
+def scale_by_schedule_at_global_step(learning_rate) -> optax.GradientTransformationExtraArgs:
+  """-learning_rate(global_step) * updates; without `global_step`, optax's own count.
+
+  The state is optax's ScaleByScheduleState, so checkpoints keep optax.adamw's layout.
+  """
+  lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, global_step=None, **extra_args):
+    del params, extra_args
+    step = state.count if global_step is None else global_step
+    step_size = -lr_fn(step)  # as optax.scale_by_learning_rate, to the bit
+    updates = jax.tree.map(lambda u: jnp.array(step_size, dtype=u.dtype) * u, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 OptimizerDef = Union[Adafactor, AdamW]

@@ -18,6 +18,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from t5tpu import errors
+
 LogicalRules = Sequence[Tuple[str, Optional[str]]]
 
 
@@ -53,7 +55,7 @@ def default_mesh(num_partitions: int = 1, model_parallel_submesh=None, devices=N
   devices = list(jax.devices() if devices is None else devices)
   model = int(np.prod(model_parallel_submesh)) if model_parallel_submesh else num_partitions
   if model < 1 or len(devices) % model:
-    raise ValueError(f'the model-parallel size {model} must divide the {len(devices)} '
+    raise errors.UserError(f'the model-parallel size {model} must divide the {len(devices)} '
                      'devices; change num_partitions (or model_parallel_submesh)')
   shape = (len(devices) // model, model)
   try:
@@ -110,7 +112,7 @@ class PjitPartitioner:
 
   def check_batch_size(self, batch_size: int):
     if batch_size % self.data_size:
-      raise ValueError(f'BATCH_SIZE={batch_size} must be a multiple of the data-parallel '
+      raise errors.UserError(f'BATCH_SIZE={batch_size} must be a multiple of the data-parallel '
                        f'size {self.data_size} ({len(self.mesh.devices.flat)} devices / '
                        f'{self.model_size} model partitions)')
 

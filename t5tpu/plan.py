@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from t5tpu import errors
+
 GiB = 2 ** 30
 
 
@@ -459,6 +461,7 @@ def _parser():
   return p
 
 
+@errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile-only: no TPU is used or needed
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')

@@ -7,11 +7,21 @@ orbax reaches gs:// through etils.epath, which t5tpu points at the same gcsfs ba
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import posixpath
+import re
 import shutil
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import IO, List, Optional, Tuple
+
+from t5tpu import errors
 
 
 def is_remote(path: str) -> bool:
@@ -141,6 +151,16 @@ def resolve(path: str) -> str:
   if not path or is_remote(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
+
+
+def move(src: str, dst: str) -> None:
+  """Renames a file or directory (gs://: copies the objects, then deletes the originals)."""
+  if is_remote(src) != is_remote(dst):
+    raise ValueError(f'move between local and gs:// paths: {src} -> {dst}')
+  if is_remote(src):
+    _gcs().mv(src.rstrip('/'), dst.rstrip('/'), recursive=True)
+  else:
+    os.replace(src, dst)
 
 
 def orbax_path(path: str):
@@ -275,3 +295,214 @@ def _copy_file(src: str, dst: str) -> None:
   else:
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     shutil.copyfile(src, dst)
+
+
+# ----------------------------------------------------------------------------- failing early
+
+GCS_HOST = 'storage.googleapis.com'
+CREDENTIALS_HELP = (
+    'Provide credentials: `gcloud auth application-default login` (a workstation or TPU VM), '
+    '`from google.colab import auth; auth.authenticate_user()` (Colab), or '
+    'GOOGLE_APPLICATION_CREDENTIALS=/path/to/service-account-key.json.')
+
+
+def check_reachable(*paths: Optional[str], timeout: float = 5.0) -> None:
+  """Fails within seconds, saying why, when the gs:// paths among `paths` cannot be used.
+
+  Local paths (and None) need nothing. Without this check a run with no network retries for a
+  long time before its first error (gcsfs about 30 s per call, tensorstore about 15 minutes).
+  - STORAGE_EMULATOR_HOST set (a local GCS server): its endpoint must answer.
+  - Otherwise application-default credentials must exist (looked up first: a missing key file
+    or no ADC fails without touching the network), and storage.googleapis.com must resolve
+    and accept a connection.
+  Then each bucket named must exist and be visible to those credentials. Raises UserError.
+  """
+  remote = [str(p) for p in paths if p and is_remote(str(p))]
+  if not remote:
+    return
+  emulator = os.environ.get('STORAGE_EMULATOR_HOST')
+  if emulator:
+    base = emulator.rstrip('/') if '://' in emulator else f'http://{emulator}'
+    what, session = f'the GCS endpoint STORAGE_EMULATOR_HOST={emulator}', None
+  else:
+    base, what = f'https://{GCS_HOST}', 'Google Cloud Storage'
+    session = _authorized_session(_default_credentials())
+  _check_connects(base, what, timeout)
+  for bucket in sorted({split_gs(p)[0] for p in remote}):
+    _check_bucket(base, what, bucket, session, timeout)
+
+
+def _default_credentials():
+  import google.auth
+  from google.auth import exceptions
+  scopes = ['https://www.googleapis.com/auth/devstorage.read_write']
+  try:
+    credentials, _ = google.auth.default(scopes=scopes)
+  except exceptions.DefaultCredentialsError as e:
+    where = os.environ.get('GOOGLE_APPLICATION_CREDENTIALS')
+    found = f'GOOGLE_APPLICATION_CREDENTIALS={where}: ' if where else ''
+    raise errors.UserError(f'no Google Cloud credentials were found ({found}'
+                           f'{_first_line(e)}). {CREDENTIALS_HELP}') from None
+  return credentials
+
+
+def _authorized_session(credentials):
+  from google.auth.transport import requests as auth_requests
+  return auth_requests.AuthorizedSession(credentials)
+
+
+def _check_connects(base: str, what: str, timeout: float) -> None:
+  """DNS and a TCP connection, each bounded by `timeout` (getaddrinfo has no timeout)."""
+  parsed = urllib.parse.urlsplit(base)
+  host = parsed.hostname or ''
+  port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+  hint = 'is it running?' if what.startswith('the GCS endpoint') else 'no network?'
+  result = {}
+
+  def resolve():
+    try:
+      result['addrs'] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+      result['error'] = e
+
+  thread = threading.Thread(target=resolve, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if 'addrs' not in result:
+    reason = _first_line(result['error']) if 'error' in result else f'no DNS answer in {timeout:g} s'
+    raise errors.UserError(f'cannot reach {what} ({host}: {reason}): {hint}')
+  family, kind, proto, _, address = result['addrs'][0]
+  try:
+    with socket.socket(family, kind, proto) as s:
+      s.settimeout(timeout)
+      s.connect(address)
+  except OSError as e:
+    reason = 'timed out' if isinstance(e, socket.timeout) else _first_line(e)
+    raise errors.UserError(f'cannot reach {what} ({host}:{port}: {reason}): {hint}') from None
+
+
+def _check_bucket(base: str, what: str, bucket: str, session, timeout: float) -> None:
+  """Lists at most one object: what reading and writing checkpoints needs at the least."""
+  url = f'{base}/storage/v1/b/{urllib.parse.quote(bucket, safe="")}/o?maxResults=1&fields=kind'
+  try:
+    status, body = _http_get(url, session, timeout)
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # requests, urllib, google.auth
+    name = type(e).__name__
+    if 'RefreshError' in name or 'TransportError' in name:
+      raise errors.UserError(f'the Google Cloud credentials could not be used to reach '
+                             f'gs://{bucket} ({_first_line(e)}). {CREDENTIALS_HELP}') from None
+    raise errors.UserError(f'cannot reach {what} (listing gs://{bucket}: {_first_line(e)}): '
+                           'no network?') from None
+  if status == 404:
+    raise errors.UserError(f'bucket gs://{bucket} does not exist: check the path, or create '
+                           f'it with `t5tpu gcs init gs://{bucket}`')
+  if status == 401:
+    raise errors.UserError(f'the credentials were refused for gs://{bucket} (HTTP 401): they '
+                           f'may have expired. {CREDENTIALS_HELP}')
+  if status == 403:
+    raise errors.UserError(f'no access to gs://{bucket} (HTTP 403, {body[:200]!r}): grant the '
+                           'account Storage Object Admin on the bucket, or use another bucket')
+  # 200, or a transient 429/5xx the clients retry themselves: nothing to stop the run for.
+
+
+def _http_get(url: str, session, timeout: float):
+  if session is not None:
+    r = session.get(url, timeout=timeout)
+    return r.status_code, r.text
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+      return r.status, r.read().decode('utf-8', 'replace')
+  except urllib.error.HTTPError as e:
+    return e.code, e.read().decode('utf-8', 'replace')
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- failures
+
+# tensorstore reports the HTTP status and the OS error in its messages.
+_HTTP_CODE = re.compile(r"http_response_code='(\d+)'|, (\d{3})$|HTTP (\d{3})")
+_ERRNO_CODE = re.compile(r"os_error_code='(\d+)'|\[Errno (\d+)\]")
+_ERRNO_REASONS = {
+    errno.ENOSPC: 'no space left on the device (the disk is full)',
+    errno.EDQUOT: 'the disk quota is exceeded',
+    errno.EACCES: 'permission denied',
+    errno.EPERM: 'permission denied',
+    errno.EROFS: 'the file system is read-only',
+}
+
+
+def describe_failure(error: BaseException) -> Optional[str]:
+  """What a storage client's error (or one orbax wrapped around it) means, in a few words plus
+  the client's own first line; None when it is not a storage failure (a bug keeps its
+  traceback)."""
+  for e in _chain(error):
+    reason = _reason(e)
+    if reason:
+      return f'{reason} ({type(e).__name__}: {_first_line(e)})'
+  return None
+
+
+def _chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen and len(seen) < 20:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _reason(e: BaseException) -> Optional[str]:
+  text = str(e)
+  code = getattr(e, 'errno', None)
+  if not isinstance(code, int):
+    m = _ERRNO_CODE.search(text)
+    code = int(next(g for g in m.groups() if g)) if m else None
+  if code in _ERRNO_REASONS:
+    return _ERRNO_REASONS[code]
+  if 'No space left on device' in text:
+    return _ERRNO_REASONS[errno.ENOSPC]
+  status = getattr(e, 'code', None)
+  if not isinstance(status, int):
+    m = _HTTP_CODE.search(text.strip().splitlines()[0] if text.strip() else '')
+    status = int(next(g for g in m.groups() if g)) if m else None
+  if status == 403 or text.startswith('Forbidden'):
+    return 'permission denied by GCS (HTTP 403)'
+  if status == 401:
+    return f'GCS refused the credentials (HTTP 401). {CREDENTIALS_HELP}'
+  if status is not None and (status == 429 or 500 <= status < 600):
+    return f'GCS kept failing (HTTP {status}) after the client retried'
+  if _is_connection_error(e):
+    return 'the connection to GCS kept failing after the client retried (no network?)'
+  return None
+
+
+def _is_connection_error(e: BaseException) -> bool:
+  names = {c.__name__ for c in type(e).__mro__}
+  return bool(names & {'ClientConnectionError', 'ServerDisconnectedError', 'ConnectionError',
+                       'ClientConnectorError', 'ProxyError'}) or (
+                           'UNAVAILABLE' in str(e) and 'connect' in str(e).lower())
+
+
+@contextlib.contextmanager
+def failures_as_user_errors(action: str, hint: str = ''):
+  """Re-raises a storage failure inside the block as a UserError: '<action> failed: <what
+  happened> (<the client's message>). <hint>'. Other errors pass unchanged.
+
+  For the places storage errors surface: orbax raises a failed asynchronous save at the next
+  save or at close, so `action` should name the checkpoint being written (and the message
+  says what failed: disk full, permission denied, GCS errors after retries, no network).
+  """
+  try:
+    yield
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    reason = describe_failure(e)
+    if reason is None:
+      raise
+    raise errors.UserError(f'{action} failed: {reason}.' + (f' {hint}' if hint else '')) from e

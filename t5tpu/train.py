@@ -7,6 +7,7 @@ nothing to do; a smaller one is an error. SIGTERM (preemption) saves a checkpoin
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -19,7 +20,9 @@ import numpy as np
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
 from t5tpu import distributed
+from t5tpu import errors
 from t5tpu import initial_checkpoint
+from t5tpu import model_dir_lock
 from t5tpu import models
 from t5tpu import partitioning
 from t5tpu import storage
@@ -104,6 +107,186 @@ def _loop_progress(total: int, start: int):
               file=sys.stderr)
 
 
+class NonFiniteError(errors.UserError):
+  """The loss or an update became NaN/Inf: training stops before writing it anywhere."""
+
+
+# ----------------------------------------------------------------------------- restore
+
+@dataclasses.dataclass
+class Start:
+  """Where a run starts: its state, seed and input position (with the input snapshot)."""
+  state: Any
+  seed: int
+  position: int
+  snapshot: Optional[dict]
+  source: str  # what it was restored from, for the log
+  resumed: bool  # from MODEL_DIR's own checkpoint
+
+
+def _check_fits(trainer: trainer_lib.Trainer, path: str, shapes: dict) -> None:
+  """The same one-message mismatch error as INITIAL_CHECKPOINT_PATH gets, from metadata."""
+  from flax import traverse_util
+  model = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
+      trainer.layout.abstract.params, sep='/').items()}
+  # Shape-only stand-ins (no memory): the check reads shapes, the values are never needed.
+  ckpt = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
+  initial_checkpoint.check_compatible(model, ckpt, path=path)
+
+
+def restore_or_init(trainer: trainer_lib.Trainer, checkpointer: ckpt_lib.Checkpointer,
+                    restore_cfg: ckpt_lib.RestoreCheckpointConfig,
+                    random_seed: Optional[int]) -> Start:
+  """t5x's order: the newest whole checkpoint of MODEL_DIR, else INITIAL_CHECKPOINT_PATH,
+  else a fresh initialisation."""
+  found = checkpointer.restore_latest_whole(
+      trainer.layout.abstract, trainer.layout.shardings,
+      check_fits=lambda path, shapes: _check_fits(trainer, path, shapes))
+  dataset_state: dict = {}
+  if found is not None:
+    step, state, dataset_state = found
+    source = ckpt_lib.step_dir(checkpointer.model_dir, step)
+    if restore_cfg.path:
+      log.warning('MODEL_DIR %s already holds checkpoint_%d: resuming from it and ignoring '
+                  'INITIAL_CHECKPOINT_PATH=%s (use a new MODEL_DIR to start over)',
+                  checkpointer.model_dir, step, restore_cfg.path)
+  elif restore_cfg.path:
+    state = initial_checkpoint.load(restore_cfg.path, trainer, restore_cfg)
+    source = restore_cfg.path
+  else:
+    seed = _resolve_seed(random_seed, None)
+    state = trainer.init_state(jax.random.PRNGKey(seed))
+    dataset_state = {'seed': seed, 'position': 0}
+    source = f'scratch (seed {seed})'
+  keep_position = restore_cfg.restore_dataset
+  return Start(state=state, seed=_resolve_seed(random_seed, dataset_state.get('seed')),
+               position=int(dataset_state.get('position', 0)) if keep_position else 0,
+               snapshot=dataset_state.get('iterator') if keep_position else None,
+               source=source, resumed=found is not None)
+
+
+# ----------------------------------------------------------------------------- input
+
+class InputPipeline:
+  """This host's training batches on the devices, and the input state checkpoints keep."""
+
+  def __init__(self, cfg: data_lib.DatasetConfig, trainer: trainer_lib.Trainer, start: Start,
+               snapshot_every: Optional[int]):
+    self.seed = start.seed
+    shard_id, num_shards = partitioning.data_shard(trainer.partitioner.mesh)
+    # The shuffle seed: DatasetConfig.seed if set, else the run's seed (kept in checkpoints).
+    data_seed = cfg.seed if cfg.seed is not None else start.seed
+    make_ds = lambda s: data_lib.get_dataset(cfg, shard_id, num_shards, seed=s)
+    iterator = data_lib.InputIterator(make_ds, data_seed, start.position, start.snapshot,
+                                      data_lib.fingerprint(cfg, shard_id, num_shards))
+    # orbax writes the dataset item from process 0 only: other hosts' snapshots would be lost,
+    # so multi-host runs resume by replaying their shard instead.
+    every = snapshot_every if jax.process_count() == 1 else None
+    self._prefetch = data_lib.DevicePrefetcher(
+        iterator, trainer.batch_shardings(iterator.element_spec), snapshot_every=every)
+
+  def __next__(self):
+    return next(self._prefetch)
+
+  def state(self, position: int) -> dict:
+    """What a checkpoint at this trained position stores."""
+    out = {'seed': self.seed, 'position': position}
+    snapshot = self._prefetch.snapshot_at(position)
+    if snapshot is not None:
+      out['iterator'] = snapshot
+    return out
+
+  def close(self) -> None:
+    self._prefetch.close()
+
+
+# ----------------------------------------------------------------------------- logging
+
+class StepLog:
+  """Per-step metrics kept on the device, fetched once per log period (the loop's only host
+  sync) and written as scalars; also where non-finite steps are noticed."""
+
+  def __init__(self, writer, learning_rate_fn, batch_size: int, lengths: dict, model_cfg,
+               first_step: int, total_steps: int, skip_nonfinite: bool):
+    self.writer = writer
+    self.learning_rate_fn = learning_rate_fn
+    self.batch_size = batch_size
+    self.tokens_per_example = lengths['inputs'] + lengths['targets']
+    self.flops_per_example = trainer_lib.train_flops_per_example(
+        model_cfg, lengths['inputs'], lengths['targets'])
+    dev = jax.devices()[0]
+    self.peak = trainer_lib.peak_flops_per_device(dev.device_kind, dev.platform)
+    self.skip_nonfinite = skip_nonfinite
+    self.bar = _loop_progress(total_steps, first_step)
+    self.pending: list = []
+    self.pending_first_step = first_step + 1
+    self.checked = 0  # pending entries already known to be finite
+    self.skipped = 0
+    self.t_last = time.perf_counter()
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+    if self.bar is not None:
+      self.bar.update(1)
+
+  def check_finite(self, last_good: Callable[[], Optional[int]]) -> None:
+    """Raises NonFiniteError naming the first non-finite step since the last check."""
+    if self.skip_nonfinite:
+      return
+    flags = jax.device_get([m['nonfinite_steps'] for m in self.pending[self.checked:]])
+    for i, flag in enumerate(flags):
+      if int(flag):
+        step = self.pending_first_step + self.checked + i
+        good = last_good()
+        where = f'checkpoint_{good}' if good is not None else 'none yet'
+        raise NonFiniteError(
+            f'training stopped at step {step}: the loss or the parameter update became '
+            f'non-finite (NaN/Inf). Nothing after step {step - 1} was saved; the last good '
+            f'checkpoint in MODEL_DIR is {where}. Lower LEARNING_RATE (or add warm-up), check '
+            'the data, or set ON_NONFINITE = "skip" to skip such steps instead.')
+    self.checked = len(self.pending)
+
+  def flush(self, step: int, last_good: Callable[[], Optional[int]]) -> None:
+    if not self.pending:
+      return
+    self.check_finite(last_good)
+    sums = jax.device_get(self.pending)
+    elapsed = time.perf_counter() - self.t_last
+    summary = models.summarize_metrics(sums[-1])
+    seqs = self.batch_size * len(sums)
+    skipped = sum(int(m['nonfinite_steps']) for m in sums)
+    rates = {
+        'learning_rate': float(self.learning_rate_fn(step - 1)),
+        'seqs_per_second': seqs / elapsed,
+        'tokens_per_second': seqs * self.tokens_per_example / elapsed,
+        'nonpad_tokens_per_second': sum(
+            float(m['input_tokens']) + float(m['target_tokens']) for m in sums) / elapsed,
+    }
+    if self.peak:
+      rates['mfu'] = self.flops_per_example * seqs / elapsed / (self.peak * jax.device_count())
+    if skipped:
+      self.skipped += skipped
+      rates['nonfinite_steps_skipped'] = float(self.skipped)
+      log.warning('skipped %d step(s) with a non-finite loss or update (%d in all; '
+                  'ON_NONFINITE = "skip")', skipped, self.skipped)
+    self.writer.scalars(step, {**summary, **rates})
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f"{summary['cross_ent_loss_per_token']:.3f}",
+                           acc=f"{summary['accuracy']:.3f}",
+                           tok_s=f"{rates['tokens_per_second']:.0f}",
+                           **({'mfu': f"{rates['mfu']:.1%}"} if 'mfu' in rates else {}))
+    self.pending, self.checked = [], 0
+    self.pending_first_step = step + 1
+    self.t_last = time.perf_counter()
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    self.writer.close()
+
+
+# ----------------------------------------------------------------------------- train
+
 def train(*,
           model: models.EncoderDecoderModel,
           train_dataset_cfg: data_lib.DatasetConfig,
@@ -121,71 +304,100 @@ def train(*,
           log_period: int = 10,
           random_seed: Optional[int] = None,
           run_eval_before_training: bool = False,
-          inference_evaluator_cls: Optional[Callable] = None) -> Optional[Any]:
+          inference_evaluator_cls: Optional[Callable] = None,
+          on_nonfinite: str = 'stop') -> Optional[Any]:
   """Trains `model` on `train_dataset_cfg` until the step counter reaches total_steps.
 
-  Returns the final TrainState (process-local handles; useful in tests and notebooks).
+  Everything the user can get wrong is checked before MODEL_DIR changes. `on_nonfinite`:
+  'stop' (default) ends the run with an error at the first NaN/Inf loss or update, before it
+  reaches a checkpoint; 'skip' leaves the parameters and optimizer state of such a step
+  unchanged and goes on. Returns the final TrainState (process-local handles; useful in tests
+  and notebooks).
   """
   if total_steps is None and relative_steps is None:
-    raise ValueError('set TRAIN_STEPS (absolute) or TRAIN_STEPS_RELATIVE')
+    raise errors.UserError('set TRAIN_STEPS (absolute) or TRAIN_STEPS_RELATIVE')
+  if on_nonfinite not in ('stop', 'skip'):
+    raise errors.UserError(f'ON_NONFINITE={on_nonfinite!r}: use "stop" or "skip"')
   checkpoint_cfg = checkpoint_cfg or ckpt_lib.CheckpointConfig()
-  save_cfg = checkpoint_cfg.save or ckpt_lib.SaveCheckpointConfig()
   restore_cfg = checkpoint_cfg.restore or ckpt_lib.RestoreCheckpointConfig()
+  model_dir = storage.resolve(model_dir)
+  restore_cfg = dataclasses.replace(restore_cfg, path=storage.resolve(restore_cfg.path))
+  partitioner.check_batch_size(train_dataset_cfg.batch_size)
+  data_lib.check_task(train_dataset_cfg, model)
+  with model_dir_lock.ModelDirLock(model_dir):
+    return _train_locked(
+        model=model, train_dataset_cfg=train_dataset_cfg, partitioner=partitioner,
+        model_dir=model_dir, total_steps=total_steps, relative_steps=relative_steps,
+        save_cfg=checkpoint_cfg.save or ckpt_lib.SaveCheckpointConfig(),
+        restore_cfg=restore_cfg,
+        learning_rate_fn=learning_rate_fn, num_microbatches=num_microbatches,
+        train_eval_dataset_cfg=train_eval_dataset_cfg,
+        infer_eval_dataset_cfg=infer_eval_dataset_cfg, eval_period=eval_period,
+        eval_steps=eval_steps, log_period=log_period, random_seed=random_seed,
+        run_eval_before_training=run_eval_before_training,
+        inference_evaluator_cls=inference_evaluator_cls,
+        skip_nonfinite=on_nonfinite == 'skip')
+
+
+def _train_locked(*, model, train_dataset_cfg, partitioner, model_dir, total_steps,
+                  relative_steps, save_cfg, restore_cfg, learning_rate_fn, num_microbatches,
+                  train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_period, eval_steps,
+                  log_period, random_seed, run_eval_before_training, inference_evaluator_cls,
+                  skip_nonfinite):
   if learning_rate_fn is None:
     from t5tpu import optimizers
     learning_rate_fn = optimizers.create_learning_rate_scheduler()
-
   batch_size = train_dataset_cfg.batch_size
-  partitioner.check_batch_size(batch_size)
   lengths = dict(train_dataset_cfg.task_feature_lengths)
   input_shapes = {'encoder_input_tokens': (batch_size, lengths['inputs']),
                   'decoder_input_tokens': (batch_size, lengths['targets'])}
   trainer = trainer_lib.Trainer(model, partitioner, learning_rate_fn, num_microbatches,
-                                input_shapes)
-  storage.makedirs(model_dir)
-  write_model_info(model_dir, trainer)
+                                input_shapes, skip_nonfinite_steps=skip_nonfinite)
   checkpointer = ckpt_lib.Checkpointer(model_dir, model.optimizer_def, save_cfg)
+  try:
+    start = restore_or_init(trainer, checkpointer, restore_cfg, random_seed)
+    start_step = int(jax.device_get(start.state.step))
+    if relative_steps is not None:
+      total_steps = start_step + relative_steps
+    if total_steps < start_step:
+      raise errors.UserError(
+          f'TRAIN_STEPS={total_steps} is below the step of the checkpoint being resumed '
+          f'({start_step}). TRAIN_STEPS counts all steps, including those already done '
+          f'(and pre-training steps of INITIAL_CHECKPOINT_PATH): set it above {start_step}, '
+          'or use TRAIN_STEPS_RELATIVE.')
+    log.info('%s %s (step %d)', 'resumed from' if start.resumed else 'initialised from',
+             start.source, start_step)
+    # The input pipeline reads (and checks) the data before anything is written.
+    pipeline = InputPipeline(train_dataset_cfg, trainer, start, snapshot_every=save_cfg.period)
+  except BaseException:
+    checkpointer.close()
+    raise
+  try:
+    write_model_info(model_dir, trainer)  # only now: a run refused above changes nothing
+    return _loop(model=model, trainer=trainer, checkpointer=checkpointer, start=start,
+                 pipeline=pipeline,
+                 start_step=start_step, total_steps=total_steps, model_dir=model_dir,
+                 train_dataset_cfg=train_dataset_cfg, save_cfg=save_cfg,
+                 learning_rate_fn=learning_rate_fn, lengths=lengths,
+                 train_eval_dataset_cfg=train_eval_dataset_cfg,
+                 infer_eval_dataset_cfg=infer_eval_dataset_cfg, eval_period=eval_period,
+                 eval_steps=eval_steps, log_period=log_period,
+                 run_eval_before_training=run_eval_before_training,
+                 inference_evaluator_cls=inference_evaluator_cls, skip_nonfinite=skip_nonfinite)
+  finally:
+    pipeline.close()
+    checkpointer.close()
 
-  # ---- restore: MODEL_DIR, else INITIAL_CHECKPOINT_PATH, else scratch (t5x's order)
-  dataset_state: dict = {}
-  latest = ckpt_lib.latest_step(model_dir)
-  template = trainer.layout.abstract
-  if latest is not None:
-    if restore_cfg.path:
-      log.warning('MODEL_DIR %s already holds checkpoint_%d: resuming from it and ignoring '
-                  'INITIAL_CHECKPOINT_PATH=%s (use a new MODEL_DIR to start over)',
-                  model_dir, latest, restore_cfg.path)
-    state, dataset_state = checkpointer.restore(latest, template, trainer.layout.shardings)
-    log.info('resumed from %s', ckpt_lib.step_dir(model_dir, latest))
-  elif restore_cfg.path:
-    state = initial_checkpoint.load(restore_cfg.path, trainer, restore_cfg)
-    log.info('initialised from %s', restore_cfg.path)
-  else:
-    seed = _resolve_seed(random_seed, None)
-    state = trainer.init_state(jax.random.PRNGKey(seed))
-    dataset_state = {'seed': seed, 'position': 0}
-    log.info('initialised from scratch (seed %d)', seed)
 
-  start_step = int(jax.device_get(state.step))
-  if relative_steps is not None:
-    total_steps = start_step + relative_steps
-  if total_steps < start_step:
-    raise ValueError(
-        f'TRAIN_STEPS={total_steps} is below the step of the checkpoint being resumed '
-        f'({start_step}). TRAIN_STEPS counts all steps, including those already done '
-        f'(and pre-training steps of INITIAL_CHECKPOINT_PATH): set it above {start_step}, '
-        'or use TRAIN_STEPS_RELATIVE.')
-
-  seed = _resolve_seed(random_seed, dataset_state.get('seed'))
-  position = int(dataset_state.get('position', 0)) if restore_cfg.restore_dataset else 0
-  base_rng = jax.random.PRNGKey(seed)
-
+def _loop(*, model, trainer, checkpointer, start, pipeline, start_step, total_steps, model_dir,
+          train_dataset_cfg, save_cfg, learning_rate_fn, lengths, train_eval_dataset_cfg,
+          infer_eval_dataset_cfg, eval_period, eval_steps, log_period,
+          run_eval_before_training, inference_evaluator_cls, skip_nonfinite):
+  state = start.state
   inference_evaluator = None
   if infer_eval_dataset_cfg is not None and inference_evaluator_cls is not None:
     inference_evaluator = inference_evaluator_cls(
-        model=model, trainer=trainer, dataset_cfg=infer_eval_dataset_cfg,
-        log_dir=model_dir)
-  writer = summaries.SummaryWriter(storage.join(model_dir, 'train'))
+        model=model, trainer=trainer, dataset_cfg=infer_eval_dataset_cfg, log_dir=model_dir)
 
   def run_evals(step):
     if train_eval_dataset_cfg is not None:
@@ -200,93 +412,69 @@ def train(*,
                 'TRAIN_STEPS to train further.', total_steps)
     if run_eval_before_training:
       run_evals(start_step)
-    writer.close()
-    checkpointer.close()
     return state
-
-  if run_eval_before_training and latest is None:
-    # (A resumed run skips this: its step was evaluated when the previous run ended.)
-    run_evals(start_step)
-
-  shard_id, num_shards = partitioning.data_shard(partitioner.mesh)
-  # The shuffle seed: DatasetConfig.seed if set, else the run's seed (kept in checkpoints).
-  data_seed = train_dataset_cfg.seed if train_dataset_cfg.seed is not None else seed
-  make_ds = lambda s: data_lib.get_dataset(train_dataset_cfg, shard_id, num_shards, seed=s)
-  iterator = data_lib.InputIterator(make_ds, data_seed, position)
-  first = next(iterator)
-  batch_shardings = trainer.batch_shardings(first)
-
-  def batches():
-    yield first
-    yield from iterator
-
-  prefetch = data_lib.DevicePrefetcher(batches(), batch_shardings)
-  flops_per_example = trainer_lib.train_flops_per_example(
-      model.config, lengths['inputs'], lengths['targets'])
-  dev = jax.devices()[0]
-  peak = trainer_lib.peak_flops_per_device(dev.device_kind, dev.platform)
+  if run_eval_before_training and not start.resumed:
+    run_evals(start_step)  # (a resumed run skips this: its step was evaluated before)
 
   period = save_cfg.period
-  pending = []
-  bar = _loop_progress(total_steps, start_step)
-  t_last, steps_since = time.perf_counter(), 0
-  step = start_step
-  config_written = False
-  preempted = False
-  with _Preemption() as preemption:
-    while step < total_steps:
-      batch = next(prefetch)
-      state, metrics = trainer.train_step(state, batch, base_rng)
-      step += 1
-      steps_since += 1
-      pending.append(metrics)
-      if bar is not None:
-        bar.update(1)
-      if not config_written:
-        write_operative_config(model_dir)
-        config_written = True
-      is_last = step == total_steps
-      if step % log_period == 0 or is_last:
-        sums = jax.device_get(pending)  # the loop's only host sync, once per log period
-        elapsed = time.perf_counter() - t_last
-        summary = models.summarize_metrics(sums[-1])
-        seqs = batch_size * steps_since
-        rates = {
-            'learning_rate': float(learning_rate_fn(step - 1)),
-            'seqs_per_second': seqs / elapsed,
-            'tokens_per_second': seqs * (lengths['inputs'] + lengths['targets']) / elapsed,
-            'nonpad_tokens_per_second': sum(
-                float(m['input_tokens']) + float(m['target_tokens']) for m in sums) / elapsed,
-        }
-        if peak:
-          rates['mfu'] = flops_per_example * seqs / elapsed / (peak * jax.device_count())
-        writer.scalars(step, {**summary, **rates})
-        if bar is not None:
-          bar.set_postfix(loss=f"{summary['cross_ent_loss_per_token']:.3f}",
-                          acc=f"{summary['accuracy']:.3f}",
-                          tok_s=f"{rates['tokens_per_second']:.0f}",
-                          **({'mfu': f"{rates['mfu']:.1%}"} if 'mfu' in rates else {}))
-        pending, t_last, steps_since = [], time.perf_counter(), 0
-      preempted = preemption.requested
-      data_state = {'seed': seed, 'position': position + (step - start_step)}
-      if (period and step % period == 0) or is_last or preempted:
-        checkpointer.save(state, data_state)
-      if eval_period and (step % eval_period == 0 or is_last):
+  base_rng = jax.random.PRNGKey(start.seed)
+  steplog = StepLog(summaries.SummaryWriter(storage.join(model_dir, 'train')),
+                    learning_rate_fn, train_dataset_cfg.batch_size, lengths, model.config,
+                    start_step, total_steps, skip_nonfinite)
+  position = lambda step: start.position + (step - start_step)
+  step, config_written, stop = start_step, False, None
+  try:
+    with _Preemption() as preemption:
+      while step < total_steps and stop is None:
+        try:
+          batch = next(pipeline)
+        except StopIteration:
+          stop = 'data'
+          break
+        state, metrics = trainer.train_step(state, batch, base_rng)
+        step += 1
+        steplog.add(metrics)
+        if not config_written:
+          write_operative_config(model_dir)
+          config_written = True
+        stop = 'sigterm' if preemption.requested else None
+        is_last = step == total_steps
+        if step % log_period == 0 or is_last:
+          steplog.flush(step, checkpointer.latest_saved)
+        if (period and step % period == 0) or is_last or stop:
+          steplog.check_finite(checkpointer.latest_saved)  # nothing non-finite is saved
+          checkpointer.save(state, pipeline.state(position(step)))
+        if eval_period and (step % eval_period == 0 or is_last):
+          run_evals(step)
+    if stop == 'data':
+      _end_of_data(step, start_step, train_dataset_cfg)
+      steplog.flush(step, checkpointer.latest_saved)
+      checkpointer.save(state, pipeline.state(position(step)))
+      if eval_period:
         run_evals(step)
-      if preempted:
-        break
-  if bar is not None:
-    bar.close()
-  writer.close()
-  checkpointer.close()
+  finally:
+    steplog.close()
   write_operative_config(model_dir)
-  if preempted:
+  if stop == 'sigterm':
     log.warning('stopped by SIGTERM at step %d; rerun the same command to continue', step)
   else:
     log.info('done: step %d, checkpoints in %s', step, model_dir)
   return state
 
 
+def _end_of_data(step: int, start_step: int, cfg: data_lib.DatasetConfig) -> None:
+  if step == start_step:
+    raise errors.UserError(
+        f'the {cfg.split!r} split of {cfg.mixture_or_task_name!r} gives no batch of '
+        f'BATCH_SIZE={cfg.batch_size} (num_epochs={cfg.num_epochs}; batches are full, so a '
+        'split smaller than one batch gives none): use a smaller BATCH_SIZE or more data')
+  log.warning('the training data ran out at step %d (%s of %r, num_epochs=%s): saving a '
+              'final checkpoint and stopping. Leave num_epochs unset to cycle through the '
+              'data until TRAIN_STEPS.', step, cfg.split, cfg.mixture_or_task_name,
+              cfg.num_epochs)
+
+
+@errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
   import gin
   from t5tpu import gin_utils

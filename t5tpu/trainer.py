@@ -63,8 +63,10 @@ class Trainer:
 
   def __init__(self, model, partitioner: partitioning_lib.PjitPartitioner,
                learning_rate_fn, num_microbatches: Optional[int] = None,
-               input_shapes: Optional[Mapping[str, tuple]] = None):
+               input_shapes: Optional[Mapping[str, tuple]] = None,
+               skip_nonfinite_steps: bool = False):
     self.model = model
+    self.skip_nonfinite_steps = skip_nonfinite_steps
     self.partitioner = partitioner
     self.learning_rate_fn = learning_rate_fn
     self.num_microbatches = num_microbatches or 1
@@ -155,8 +157,17 @@ class Trainer:
   def _train_step_fn(self, state: TrainState, batch, base_rng):
     dropout_rng = jax.random.fold_in(base_rng, state.step)
     grads, metrics = self._grads_and_metrics(state.params, batch, dropout_rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
+                                        global_step=state.step)
     params = optax.apply_updates(state.params, updates)
+    # One flag per step, read by the host with the other metrics (no sync of its own): a
+    # non-finite loss or update (NaN/Inf gradients, a NaN learning rate) would poison every
+    # later step and checkpoint.
+    finite = jnp.isfinite(metrics['loss']) & all_finite(updates)
+    if self.skip_nonfinite_steps:  # keep the old parameters and optimizer state
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    metrics = {**metrics, 'nonfinite_steps': 1 - finite.astype(jnp.int32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def compile_train_step(self, batch_spec: Mapping[str, Any]):
@@ -183,6 +194,13 @@ class Trainer:
           out_shardings=self.partitioner.sharding(PartitionSpec()))
     with self.partitioner.context():
       return self._eval_step(params, batch)
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every floating value in a tree is finite (one reduction per leaf)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 # --------------------------------------------------------------------------- throughput

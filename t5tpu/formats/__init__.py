@@ -14,16 +14,47 @@ with numpy leaves and `param_states` only where the checkpoint has an optimizer 
   convert      the `t5tpu convert` command
 
 Format detection lives in t5tpu.initial_checkpoint.detect_format.
+
+A checkpoint that cannot be read (truncated, corrupt, another kind of model, not there) is a
+user error: the readers raise the classes below, which are also the builtin error they
+replace (ValueError, FileNotFoundError, FileExistsError), so callers that caught those still do.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping, Optional
 
 import numpy as np
 from flax import traverse_util
 
+from t5tpu import errors
+
 SEP = '/'
+
+
+class CheckpointReadError(errors.UserError, ValueError):
+  """A checkpoint that is there but cannot be read: truncated, corrupt, or not a T5."""
+
+
+class CheckpointNotFoundError(errors.UserError, FileNotFoundError):
+  """A checkpoint path that holds no checkpoint of any supported format."""
+
+
+class OutputExistsError(errors.UserError, FileExistsError):
+  """A conversion would overwrite a checkpoint that is already there."""
+
+
+# What a truncated or corrupt download usually needs.
+COPY_AGAIN = ('copy the checkpoint again (t5tpu gcs cp, or gsutil -m cp -r) and compare its '
+              'size with the source')
+
+
+def describe_error(error: BaseException) -> str:
+  """'Type: message' of a library's error, for the end of one of ours; tensorstore's
+  kilobyte-long spec dump is cut off (the message before it says what failed)."""
+  text = re.sub(r"\s*\[tensorstore_spec='.*$", '', str(error), flags=re.DOTALL).strip()
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
 def flatten(tree) -> dict:

@@ -32,12 +32,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from t5tpu import initial_checkpoint, model_shapes, network, storage
-from t5tpu.formats import cast_floating, flatten, infer_config, model_param_shapes, unflatten
+from t5tpu import errors, initial_checkpoint, model_shapes, network, storage
+from t5tpu.formats import (CheckpointNotFoundError, OutputExistsError, cast_floating, flatten,
+                           infer_config, model_param_shapes, unflatten)
 
 log = logging.getLogger('t5tpu.convert')
 FORMATS = ('hf', 't5x_legacy', 'orbax')
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
+
+
+class ModelGinNotFoundError(errors.UserError, FileNotFoundError):
+  """--model_gin names neither a gin file nor a known model."""
+
+
+class StepMismatchError(errors.UserError, ValueError):
+  """--to names a checkpoint_<step> of another step than the checkpoint's."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -61,7 +70,10 @@ def resolve_source(path: str) -> str:
       continue  # an unfinished save
     log.info('%s is a model directory: using its latest checkpoint, %s', path, name)
     return candidate
-  raise FileNotFoundError(f'{path} holds no checkpoint (and no checkpoint_<step> directory)')
+  raise CheckpointNotFoundError(
+      f'no checkpoint at {path}: the directory holds none, nor a checkpoint_<step> directory '
+      f'with one; {initial_checkpoint.EXPECTED_LAYOUTS}, or a MODEL_DIR of such '
+      'checkpoint_<step> directories')
 
 
 def config_from_gin(spec: str) -> network.T5Config:
@@ -73,7 +85,8 @@ def config_from_gin(spec: str) -> network.T5Config:
   if key in named:
     return _without_macros(named[key])
   if not os.path.exists(spec):
-    raise FileNotFoundError(f'--model_gin={spec}: neither a file nor one of {sorted(named)}')
+    raise ModelGinNotFoundError(f'--model_gin={spec}: neither a file nor one of '
+                                f'{sorted(named)}')
   fields = {}
   # model_shapes' text reader: no gin state, includes resolved against gin/
   for k, v in model_shapes._read_bindings(spec, gin_config_dir()).items():  # pylint: disable=protected-access
@@ -136,7 +149,8 @@ def _step_dir(path: str, step: int) -> str:
   m = _STEP_DIR.match(os.path.basename(path))
   if m:
     if int(m.group(1)) != step:
-      raise ValueError(f'--to={path} names step {m.group(1)}; the checkpoint is at {step}')
+      raise StepMismatchError(f'--to={path} names step {m.group(1)}, but the checkpoint is at '
+                              f'step {step}: name it checkpoint_{step}, or give its MODEL_DIR')
     return path
   return storage.join(path, f'checkpoint_{step}')
 
@@ -151,7 +165,8 @@ def write(state: dict, cfg: network.T5Config, to: str, to_format: str, *,
   if to_format == 'hf':
     from t5tpu.formats import hf
     if storage.exists(storage.join(to, hf.CONFIG_NAME)) and not overwrite:
-      raise FileExistsError(f'{to} already holds a Hugging Face model (--overwrite replaces it)')
+      raise OutputExistsError(f'{to} already holds a Hugging Face model (--overwrite replaces '
+                              'it)')
     return hf.write(to, target, cfg)
   step = int(state.get('state', {}).get('step', 0))
   param_states = None if params_only else state.get('state', {}).get('param_states')
@@ -200,9 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+@errors.report_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = build_parser()
   args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+  # Relative local paths mean the current folder: made absolute once, here, because orbax
+  # refuses relative paths and tensorstore resolves them later, in its own threads.
+  args.source, args.to = storage.resolve(args.source), storage.resolve(args.to)
   if args.vocab and args.to_format != 'hf':
     parser.error('--vocab writes a Hugging Face tokenizer: use it with --to_format=hf')
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')

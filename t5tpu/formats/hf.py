@@ -27,7 +27,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from t5tpu import network, storage
-from t5tpu.formats import cast_floating, flatten, make_state_dict, unflatten
+from t5tpu.formats import (COPY_AGAIN, CheckpointNotFoundError, CheckpointReadError,
+                           cast_floating, describe_error, flatten, make_state_dict, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ _ACT_TO_HF = {'relu': 'relu', 'gelu': 'gelu_new', 'gelu_exact': 'gelu', 'silu': 
               'swish': 'silu'}
 # Keys some HF files carry that duplicate `shared.weight` (tied to it when loaded).
 _TIED_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+# model_type values with T5ForConditionalGeneration's weights (mT5 is T5 1.1, larger vocab),
+# and the architectures that hold them (T5WithLMHeadModel: the name in the first t5-* uploads).
+T5_MODEL_TYPES = ('t5', 'mt5')
+T5_ARCHITECTURES = ('T5ForConditionalGeneration', 'MT5ForConditionalGeneration',
+                    'T5WithLMHeadModel')
+_SUPPORTED = ('t5tpu reads only T5 checkpoints in the T5ForConditionalGeneration layout: '
+              "T5 1.0 (t5-small ...), T5 1.1 and Flan-T5 (model_type 't5'; mT5's 'mt5' has "
+              'the same layout)')
 
 
 # ----------------------------------------------------------------------------- names
@@ -80,27 +89,47 @@ def name_pairs(cfg: network.T5Config) -> Iterator[tuple[str, str, bool]]:
 
 # ----------------------------------------------------------------------------- config
 
-def config_from_hf(hf: dict, dtype: str = 'bfloat16') -> tuple[network.T5Config, bool]:
-  """(T5Config, scale_logits) from a config.json dict.
+def check_t5(hf: dict, where: str = CONFIG_NAME) -> None:
+  """Raises CheckpointReadError unless the config.json dict describes a T5 with its LM head.
+
+  Checked before any weight is read: a BERT or GPT-2 directory fails here with its model
+  type, not later with a list of unknown weight names.
+  """
+  model_type = hf.get('model_type', 't5')
+  architectures = hf.get('architectures') or []
+  if model_type not in T5_MODEL_TYPES:
+    kind = f" ({', '.join(map(str, architectures))})" if architectures else ''
+    raise CheckpointReadError(
+        f'{where} is a Hugging Face {model_type!r} model{kind}, not T5. {_SUPPORTED}: point '
+        'INITIAL_CHECKPOINT_PATH (or t5tpu convert --from) at a T5 model directory')
+  if architectures and not set(architectures) & set(T5_ARCHITECTURES):
+    raise CheckpointReadError(
+        f'{where} is a {", ".join(map(str, architectures))}, not a T5ForConditionalGeneration '
+        f'(an encoder, a decoder and its LM head). {_SUPPORTED}: save the model as '
+        'T5ForConditionalGeneration, or use the checkpoint it was fine-tuned from')
+
+
+def config_from_hf(hf: dict, dtype: str = 'bfloat16',
+                   where: str = CONFIG_NAME) -> tuple[network.T5Config, bool]:
+  """(T5Config, scale_logits) from a config.json dict (`where` names it in errors).
 
   scale_logits says whether HF multiplies the decoder output by 1/sqrt(d_model) before
   the output layer (T5 1.0). Whether the output layer is `shared` itself depends on the
   weights too; see `read`.
   """
-  if hf.get('model_type', 't5') not in ('t5', 'mt5'):  # mT5 is T5 1.1 with a larger vocab
-    raise ValueError(f"model_type {hf.get('model_type')!r}: only T5 checkpoints (model_type "
-                     "'t5' or 'mt5') are supported")
+  check_t5(hf, where)
   proj = hf.get('feed_forward_proj', 'relu')
   parts = proj.split('-')
   gated = parts[0] == 'gated' and len(parts) == 2
   act = 'gelu_new' if proj == 'gated-gelu' else parts[-1]
   if act not in _ACT_FROM_HF:
-    raise ValueError(f'feed_forward_proj={proj!r}: activation {act!r} is not supported '
-                     f'(known: {sorted(_ACT_FROM_HF)})')
+    raise CheckpointReadError(f'{where}: feed_forward_proj={proj!r}: activation {act!r} is not '
+                              f'supported (known: {sorted(_ACT_FROM_HF)})')
   ours = _ACT_FROM_HF[act]
   eps = float(hf.get('layer_norm_epsilon', 1e-6))
   if abs(eps - 1e-6) > 1e-12:
-    raise ValueError(f'layer_norm_epsilon={eps}: the network uses 1e-6, as every T5')
+    raise CheckpointReadError(f'{where}: layer_norm_epsilon={eps}: the network uses 1e-6, as '
+                              'every T5')
   if 'scale_decoder_outputs' in hf:  # transformers >= 5 wrote this file
     scale = bool(hf['scale_decoder_outputs'])
   else:
@@ -188,26 +217,51 @@ def _weight_files(directory: str) -> list[str]:
       return [os.path.join(directory, name) for name in files]
     if os.path.exists(os.path.join(directory, single)):
       return [os.path.join(directory, single)]
-  raise FileNotFoundError(f'{directory} has config.json but no model.safetensors or '
-                          'pytorch_model.bin (nor a sharded index of either)')
+  raise CheckpointNotFoundError(f'{directory} has config.json but no model.safetensors or '
+                                'pytorch_model.bin (nor a sharded index of either)')
 
 
 def _load_tensors(files: list[str]) -> dict:
   """{HF name: numpy array}; bfloat16 stays bfloat16 (ml_dtypes)."""
   tensors = {}
   for path in files:
+    tensors.update(_load_file(path))
+  return tensors
+
+
+def _load_file(path: str) -> dict:
+  """One weights file; a truncated or damaged one raises CheckpointReadError naming it."""
+  try:
     if path.endswith('.safetensors'):
       from safetensors.numpy import load_file
-      tensors.update(load_file(path))
+      return load_file(path)
+    return _load_torch(path)
+  except _damaged_file_errors() as e:
+    raise CheckpointReadError(f'cannot read {path} ({describe_error(e)}): the file is '
+                              f'truncated or damaged: {COPY_AGAIN}') from None
+
+
+def _damaged_file_errors() -> tuple:
+  """What safetensors and torch.load raise for a cut-off or garbled file."""
+  import pickle
+  found = [ValueError, RuntimeError, EOFError, pickle.UnpicklingError]
+  try:
+    from safetensors import SafetensorError  # 'Error while deserializing header: ...'
+    found.append(SafetensorError)
+  except ImportError:
+    pass
+  return tuple(found)
+
+
+def _load_torch(path: str) -> dict:
+  import torch
+  tensors = {}
+  for name, t in torch.load(path, map_location='cpu', weights_only=True).items():
+    if t.dtype == torch.bfloat16:
+      import ml_dtypes
+      tensors[name] = t.float().numpy().astype(ml_dtypes.bfloat16)
     else:
-      import torch
-      state = torch.load(path, map_location='cpu', weights_only=True)
-      for name, t in state.items():
-        if t.dtype == torch.bfloat16:
-          import ml_dtypes
-          tensors[name] = t.float().numpy().astype(ml_dtypes.bfloat16)
-        else:
-          tensors[name] = t.numpy()
+      tensors[name] = t.numpy()
   return tensors
 
 
@@ -228,11 +282,25 @@ def read_with_config(path: str, dtype: str = 'bfloat16'):
   return _read(path, dtype)
 
 
+def read_hf_config(directory: str, where: Optional[str] = None) -> dict:
+  """The config.json of a local HF model directory as a dict (`where` names it in errors)."""
+  name = os.path.join(directory, CONFIG_NAME)
+  where = where or name
+  try:
+    with open(name) as f:
+      hf_config = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise CheckpointReadError(f'{where} is not valid JSON ({e}): it is truncated or damaged: '
+                              f'{COPY_AGAIN}') from None
+  if not isinstance(hf_config, dict):
+    raise CheckpointReadError(f'{where} is not a Hugging Face config (a JSON object)')
+  return hf_config
+
+
 def _read(path: str, dtype: str = 'bfloat16'):
   directory = _local_dir(path)
-  with open(os.path.join(directory, CONFIG_NAME)) as f:
-    hf_config = json.load(f)
-  cfg, scale = config_from_hf(hf_config, dtype)
+  where = storage.join(path.rstrip('/'), CONFIG_NAME)  # the path given, not the gs:// cache
+  cfg, scale = config_from_hf(read_hf_config(directory, where), dtype, where)
   tensors = _load_tensors(_weight_files(directory))
   lm_head = tensors.pop('lm_head.weight', None)
   shared = tensors.get('shared.weight')
@@ -255,15 +323,16 @@ def _read(path: str, dtype: str = 'bfloat16'):
   flat = {}
   for hf_name, t5x_name, transpose in name_pairs(cfg):
     if hf_name not in tensors:
-      raise ValueError(f'{path}: {hf_name} is missing; the file does not match its '
-                       f'config.json ({_describe(cfg)})')
+      raise CheckpointReadError(f'{path}: {hf_name} is missing; the file does not match its '
+                                f'config.json ({_describe(cfg)})')
     value = tensors.pop(hf_name)
     flat[t5x_name] = np.ascontiguousarray(value.T if transpose else value)
   for name in _TIED_COPIES:
     tensors.pop(name, None)
   if tensors:
-    raise ValueError(f'{path}: {len(tensors)} weight(s) not in a T5ForConditionalGeneration '
-                     f'of its config.json: {sorted(tensors)[:20]}')
+    raise CheckpointReadError(f'{path}: {len(tensors)} weight(s) not in a '
+                              'T5ForConditionalGeneration of its config.json: '
+                              f'{sorted(tensors)[:20]}')
   log.info('read Hugging Face T5 from %s (%s)', path, _describe(cfg))
   return make_state_dict(unflatten(flat), step=0), cfg
 

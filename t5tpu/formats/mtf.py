@@ -31,7 +31,8 @@ import re
 import numpy as np
 
 from t5tpu import storage
-from t5tpu.formats import make_state_dict, unflatten
+from t5tpu.formats import (COPY_AGAIN, CheckpointReadError, describe_error, make_state_dict,
+                           unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,17 @@ def translate(variables: dict) -> dict:
 def read_variables(prefix: str) -> dict:
   """Every variable of the TF checkpoint `prefix` (model.ckpt-N) as numpy."""
   import tensorflow as tf
-  reader = tf.train.load_checkpoint(prefix)
-  return {name: np.asarray(reader.get_tensor(name))
-          for name in sorted(reader.get_variable_to_shape_map())}
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: np.asarray(reader.get_tensor(name))
+            for name in sorted(reader.get_variable_to_shape_map())}
+  except (tf.errors.OpError, IndexError, ValueError) as e:
+    # A cut-off .index is an OpError ('not an sstable'); a cut-off .data-* file an
+    # IndexError ('Read less bytes than requested') from TF's reader.
+    damage = ('some of its files are missing' if isinstance(e, tf.errors.NotFoundError) else
+              'its .index or .data-* files are truncated or damaged')
+    raise CheckpointReadError(f'cannot read the TF checkpoint {prefix} ({describe_error(e)}): '
+                              f'{damage}: {COPY_AGAIN}') from None
 
 
 def read(prefix: str) -> dict:
@@ -159,6 +168,7 @@ def latest_in_dir(directory: str) -> str:
   text = storage.read_text(storage.join(directory, 'checkpoint'))
   m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', text, re.MULTILINE)
   if not m:
-    raise ValueError(f'{directory}/checkpoint names no model_checkpoint_path')
+    raise CheckpointReadError(f'{directory}/checkpoint names no model_checkpoint_path: point '
+                              'the path at a model.ckpt-N prefix instead')
   name = m.group(1).rstrip('/').split('/')[-1]
   return storage.join(directory, name)

@@ -29,7 +29,8 @@ import numpy as np
 from flax import traverse_util
 
 from t5tpu import storage
-from t5tpu.formats import flatten, unflatten
+from t5tpu.formats import (COPY_AGAIN, CheckpointReadError, OutputExistsError, describe_error,
+                           flatten, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _relative_path(spec: dict) -> str:
   rel = kv.get('path') if isinstance(kv, dict) else None
   rel = rel or spec.get('path')
   if not rel:
-    raise ValueError(f'TensorStore spec without a path: {spec}')
+    raise CheckpointReadError(f'a TensorStore spec in the checkpoint has no path: {spec}')
   return rel
 
 
@@ -81,10 +82,31 @@ def _relative_path(spec: dict) -> str:
 
 def read_msgpack(path: str) -> dict:
   """The raw msgpack contents (arrays inline, zarr arrays still as spec dicts)."""
+  import msgpack
   from flax import serialization
   msgpack_file, _ = _msgpack_and_dir(path)
   with storage.open_file(msgpack_file, 'rb') as f:
-    return serialization.msgpack_restore(f.read())
+    data = f.read()
+  try:
+    contents = serialization.msgpack_restore(data)
+  except (ValueError, TypeError, msgpack.exceptions.UnpackException) as e:
+    # msgpack raises ValueError('Unpack failed: incomplete input') for a cut-off file, and
+    # its own FormatError / ExtraData (or numpy's errors, in flax's array hook) for garbage.
+    raise CheckpointReadError(_unreadable(msgpack_file, data, e)) from None
+  if not isinstance(contents, dict):
+    raise CheckpointReadError(f'{msgpack_file} is not a T5X checkpoint: its msgpack data is a '
+                              f'{type(contents).__name__}, not a state dict')
+  return contents
+
+
+def _unreadable(msgpack_file: str, data: bytes, error: Exception) -> str:
+  if not data:
+    return f'{msgpack_file} is empty (0 bytes): the checkpoint copy is incomplete: {COPY_AGAIN}'
+  if 'incomplete input' in str(error):
+    return (f'{msgpack_file} is truncated: its msgpack data ends early (after '
+            f'{len(data):,} bytes), so the checkpoint copy is incomplete: {COPY_AGAIN}')
+  return (f'{msgpack_file} is corrupt or not a T5X checkpoint: it does not decode as msgpack '
+          f'({describe_error(error)}). If it is a copy, {COPY_AGAIN}')
 
 
 def read(path: str) -> dict:
@@ -98,24 +120,29 @@ def read(path: str) -> dict:
   elif 'target' in contents:
     tree = contents  # version 0: a plain flax state dict
   else:
-    raise ValueError(f'{path} is a msgpack without `optimizer` or `target`: not a T5X '
-                     f'checkpoint (top-level keys: {sorted(contents)})')
+    raise CheckpointReadError(f'{path} is a msgpack without `optimizer` or `target`: not a T5X '
+                              f'checkpoint (top-level keys: {sorted(contents)})')
   if version and version < 2:
-    raise ValueError(f'T5X checkpoint version {version} is not supported (2 and 3 are)')
+    raise CheckpointReadError(f'{path}: T5X checkpoint version {version} is not supported '
+                              '(2 and 3 are)')
+  if not isinstance(tree, dict) or not isinstance(tree.get('target'), dict):
+    raise CheckpointReadError(f'{path} is not a T5X checkpoint: it holds no parameters '
+                              '(`optimizer/target`)')
 
   # zarr arrays are spec dicts in the msgpack: leaves, not subtrees
   flat = traverse_util.flatten_dict(tree, sep='/', is_leaf=lambda _, x: _is_ts_spec(x))
-  pending = {}
+  pending, folders = {}, {}
   for name, leaf in flat.items():
     if _is_ts_spec(leaf):
+      folders[name] = _relative_path(leaf).rstrip('/')
       spec = {'driver': leaf.get('driver', 'zarr'),
-              'kvstore': _kvstore(ckpt_dir, _relative_path(leaf))}
+              'kvstore': _kvstore(ckpt_dir, folders[name])}
       pending[name] = ts.open(spec, open=True, read=True)
   # Open everything, then read everything: tensorstore overlaps the I/O.
-  opened = {name: fut.result() for name, fut in pending.items()}
+  opened = {name: _result(fut, path, name, folders[name]) for name, fut in pending.items()}
   reads = {name: store.read() for name, store in opened.items()}
   for name, fut in reads.items():
-    array = np.asarray(fut.result())
+    array = np.asarray(_result(fut, path, name, folders[name]))
     if version == 2 and array.dtype == np.uint16:
       import ml_dtypes
       array = array.view(ml_dtypes.bfloat16)
@@ -131,6 +158,18 @@ def read(path: str) -> dict:
   if state.get('param_states'):
     out_state['param_states'] = state['param_states']
   return {'target': tree['target'], 'state': out_state}
+
+
+def _result(future, path: str, name: str, folder: str):
+  """A tensorstore open or read; a missing or damaged zarr folder names the array."""
+  try:
+    return future.result()
+  except ValueError as e:  # tensorstore's NOT_FOUND / DATA_LOSS / FAILED_PRECONDITION
+    raise CheckpointReadError(
+        f'{path}: cannot read the array {name} from its zarr folder {folder}/ '
+        f'({describe_error(e)}). The '
+        f'checkpoint is incomplete or damaged: {COPY_AGAIN} (every folder beside the '
+        '`checkpoint` file belongs to it)') from None
 
 
 # ----------------------------------------------------------------------------- write
@@ -173,7 +212,8 @@ def write(path: str, state_dict: dict, *,
   remote = storage.is_remote(path)
   if storage.exists(storage.join(path, MSGPACK_NAME)):
     if not overwrite:
-      raise FileExistsError(f'{path} already holds a T5X checkpoint')
+      raise OutputExistsError(f'{path} already holds a T5X checkpoint (overwrite=True, or '
+                              't5tpu convert --overwrite, replaces it)')
     storage.remove_tree(path)
   work_dir = path if remote else f'{path}.tmp-{int(time.time())}-{os.getpid()}'
   storage.makedirs(work_dir)

@@ -8,6 +8,7 @@ what we write here t5x restores and t5tpu resumes from.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,15 +17,57 @@ import numpy as np
 
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import storage
-from t5tpu.formats import make_state_dict
+from t5tpu.formats import (COPY_AGAIN, CheckpointReadError, OutputExistsError, describe_error,
+                           make_state_dict)
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
 
 
+def check_metadata(path: str) -> None:
+  """Raises CheckpointReadError if `state/_METADATA` (the tree orbax restores) is not JSON.
+
+  Checked before orbax reads it: orbax fails with a bare JSONDecodeError that names no file.
+  The step's own _CHECKPOINT_METADATA (timestamps, the item list) is not needed to read the
+  `state` item, so a damaged one is only logged.
+  """
+  path = path.rstrip('/')
+  for name, needed in ((storage.join(path, 'state', '_METADATA'), True),
+                       (storage.join(path, '_CHECKPOINT_METADATA'), False)):
+    if not storage.exists(name):
+      continue  # older orbax releases wrote no _METADATA: orbax itself says what is missing
+    try:
+      ok = isinstance(json.loads(storage.read_text(name)), dict)
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+      ok = False
+    if ok:
+      continue
+    if needed:
+      raise CheckpointReadError(
+          f'{name} is corrupt (not a JSON object), so the orbax checkpoint {path} cannot be '
+          f'read: it is truncated or damaged: {COPY_AGAIN}')
+    log.warning('%s is not valid JSON (ignored: reading the checkpoint needs only state/)',
+                name)
+
+
+def read_tree(path: str) -> dict:
+  """The `state` item of an orbax step directory as it is stored (numpy leaves).
+
+  A damaged checkpoint raises CheckpointReadError naming the path, not orbax's or
+  tensorstore's error alone.
+  """
+  path = path.rstrip('/')
+  check_metadata(path)
+  try:
+    return ckpt_lib.read_state_dict(path)
+  except (ValueError, OSError) as e:  # tensorstore's DATA_LOSS, orbax's missing structure
+    raise CheckpointReadError(f'cannot read the orbax checkpoint {path} ({describe_error(e)}): '
+                              f'it is incomplete or damaged: {COPY_AGAIN}') from None
+
+
 def read(path: str) -> dict:
   """`checkpoint_<step>` (the directory holding `state/`) as a numpy state dict."""
-  tree = ckpt_lib.read_state_dict(path.rstrip('/'))
+  tree = read_tree(path)
   state = tree.get('state', {}) or {}
   return make_state_dict(tree['target'], int(np.asarray(state.get('step', 0))),
                          state.get('param_states') or None)
@@ -59,7 +102,7 @@ def write(path: str, state_dict: dict) -> str:
                                   item_names=('state', 'dataset'))
   try:
     if step in manager.all_steps():
-      raise FileExistsError(f'{ckpt_lib.step_dir(model_dir, step)} already exists')
+      raise OutputExistsError(f'{ckpt_lib.step_dir(model_dir, step)} already exists')
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                dataset=ocp.args.JsonSave({})), force=True)
     manager.wait_until_finished()

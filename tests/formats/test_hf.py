@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from t5tpu.formats import flatten, hf, unflatten
+from t5tpu import errors, initial_checkpoint
+from t5tpu.formats import CheckpointReadError, flatten, hf, unflatten
 from tests.formats import common
 
 torch = pytest.importorskip('torch')
@@ -145,3 +146,49 @@ def test_tokenizer_export_refuses_bpe_before_writing(tmp_path):
     convert.main([f'--from={tmp_path / "src"}', f'--to={tmp_path / "out"}', '--to_format=hf',
                   f'--vocab={knowledge.SPM_PATH}'])
   assert not (tmp_path / 'out').exists()
+
+
+def _read_error(path) -> str:
+  """The UserError INITIAL_CHECKPOINT_PATH=path gives (the same reader t5tpu convert uses)."""
+  with pytest.raises(errors.UserError) as info:
+    initial_checkpoint.read_state_dict(str(path))
+  assert isinstance(info.value, CheckpointReadError)
+  return str(info.value)
+
+
+def test_models_that_are_not_t5_are_refused_by_their_config(tmp_path):
+  supported = ("t5tpu reads only T5 checkpoints in the T5ForConditionalGeneration layout: "
+               "T5 1.0 (t5-small ...), T5 1.1 and Flan-T5 (model_type 't5'; mT5's 'mt5' has "
+               'the same layout)')
+  torch.manual_seed(0)  # a tiny random BERT, weights and all
+  bert = transformers.BertModel(transformers.BertConfig(
+      vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+      intermediate_size=16))
+  bert.save_pretrained(tmp_path / 'bert')
+  assert _read_error(tmp_path / 'bert') == (
+      f"{tmp_path / 'bert' / 'config.json'} is a Hugging Face 'bert' model (BertModel), not "
+      f'T5. {supported}: point INITIAL_CHECKPOINT_PATH (or t5tpu convert --from) at a T5 '
+      'model directory')
+  # a config alone is enough: the weights are never opened
+  transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / 'gpt2')
+  assert "config.json is a Hugging Face 'gpt2' model, not T5." in _read_error(tmp_path / 'gpt2')
+  # T5 without its decoder / LM head
+  config = hf_model(v11=False).config.to_dict()
+  config['architectures'] = ['T5EncoderModel']
+  (tmp_path / 'encoder').mkdir()
+  (tmp_path / 'encoder' / 'config.json').write_text(json.dumps(config))
+  assert _read_error(tmp_path / 'encoder').startswith(
+      f"{tmp_path / 'encoder' / 'config.json'} is a T5EncoderModel, not a "
+      'T5ForConditionalGeneration (an encoder, a decoder and its LM head).')
+
+
+def test_truncated_weights_and_garbage_config_name_the_file(tmp_path):
+  hf_model(v11=True).save_pretrained(tmp_path)
+  weights = tmp_path / 'model.safetensors'
+  data = weights.read_bytes()
+  weights.write_bytes(data[:len(data) // 2])
+  assert _read_error(tmp_path).startswith(f'cannot read {weights} (SafetensorError: ')
+  assert 'the file is truncated or damaged' in _read_error(tmp_path)
+  (tmp_path / 'config.json').write_text('{"model_type": "t5", ')
+  assert _read_error(tmp_path).startswith(
+      f"{tmp_path / 'config.json'} is not valid JSON (Expecting property name")

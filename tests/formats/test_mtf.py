@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from t5tpu import initial_checkpoint
-from t5tpu.formats import convert, flatten, mtf, unflatten
+from t5tpu import errors, initial_checkpoint
+from t5tpu.formats import CheckpointReadError, convert, flatten, mtf, unflatten
 from tests.formats import common
 
 tf = pytest.importorskip('tensorflow')
@@ -121,3 +121,19 @@ def test_name_map():
   assert mtf.t5x_name('decoder/logits/kernel_slot_vr') == ('decoder/logits_dense/kernel',
                                                            'v_row')
   assert mtf.t5x_name('some/other/variable') is None
+
+
+@pytest.mark.parametrize('cut', ['index', 'data'])
+def test_truncated_checkpoint_is_a_user_error(tmp_path, cut):
+  prefix = write_tf1_checkpoint(tmp_path, {'shared/embedding': np.ones((50, 8), np.float32)}, 5)
+  name = prefix + ('.index' if cut == 'index' else '.data-00000-of-00001')
+  with open(name, 'rb') as f:
+    data = f.read()
+  with open(name, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(errors.UserError) as info:
+    initial_checkpoint.read_state_dict(prefix)
+  assert isinstance(info.value, CheckpointReadError)
+  assert str(info.value).startswith(f'cannot read the TF checkpoint {prefix} (')
+  assert ("its .index or .data-* files are truncated or damaged: copy the checkpoint again"
+          in str(info.value))

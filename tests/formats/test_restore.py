@@ -1,12 +1,15 @@
 """INITIAL_CHECKPOINT_PATH: the fixture restores with its Adafactor state and training goes on;
 dtype and assignment maps; one clear error for each way a checkpoint can misfit the model."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
 
-from t5tpu import checkpoints, data, initial_checkpoint, optimizers, partitioning, train
-from t5tpu.formats import flatten, model_param_shapes, t5x_legacy, unflatten
+from t5tpu import checkpoints, data, errors, initial_checkpoint, optimizers, partitioning, train
+from t5tpu.formats import (CheckpointNotFoundError, CheckpointReadError, flatten,
+                           model_param_shapes, t5x_legacy, t5x_orbax, unflatten)
 from tests import tiny
 from tests.formats import common
 
@@ -174,3 +177,24 @@ def test_assignment_map(fixture_state, tiny_trainer):
         fixture_state, tiny_trainer,
         RestoreCfg(assignment_map=[(r'target/decoder/layers_1/(.*)',
                                     r'target/decoder/layers_7/\1')]))
+
+
+def test_missing_and_damaged_checkpoints_are_user_errors(tmp_path, fixture_state, tiny_trainer):
+  assert issubclass(Mismatch, errors.UserError) and issubclass(Mismatch, ValueError)
+  expected = ('expected an orbax checkpoint dir (with state/), a T5X checkpoint_N dir (with a '
+              '`checkpoint` file) or msgpack file, a TF/MTF prefix (model.ckpt-N, with .index '
+              'beside it) or a Hugging Face model dir (with config.json)')
+  missing = tmp_path / 'checkpoint_1000'
+  with pytest.raises(errors.UserError) as info:
+    initial_checkpoint.load(str(missing), tiny_trainer)
+  assert isinstance(info.value, CheckpointNotFoundError)
+  assert isinstance(info.value, FileNotFoundError)  # what callers caught before
+  assert str(info.value) == f'no checkpoint at {missing} (it does not exist): {expected}'
+  missing.mkdir()
+  with pytest.raises(CheckpointNotFoundError, match=r'\(the directory holds none of these\)'):
+    initial_checkpoint.detect_format(str(missing))
+  # eval / infer read parameters only (load_params): a damaged orbax _METADATA names the file
+  path = t5x_orbax.write(str(tmp_path / 'run'), fixture_state)
+  (tmp_path / 'run' / 'checkpoint_0' / 'state' / '_METADATA').write_text('{"tree_meta')
+  with pytest.raises(CheckpointReadError, match=re.escape(f'{path}/state/_METADATA is corrupt')):
+    initial_checkpoint.load_params(path, tiny_trainer)

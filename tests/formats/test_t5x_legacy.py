@@ -1,12 +1,14 @@
 """Legacy T5X checkpoints: t5x's fixture reads; write -> read is bit-exact, inline and zarr."""
 import os
+import re
 
 import numpy as np
 import pytest
 from flax import serialization
 
-from t5tpu import initial_checkpoint
-from t5tpu.formats import cast_floating, flatten, model_param_shapes, t5x_legacy
+from t5tpu import errors, initial_checkpoint
+from t5tpu.formats import (CheckpointReadError, cast_floating, flatten, model_param_shapes,
+                           t5x_legacy)
 from tests.formats import common
 
 SLOTS = {'m', 'v', 'v_col', 'v_row'}
@@ -95,3 +97,39 @@ def test_checkpoint_written_on_gcs_reads_from_a_local_copy(tmp_path, fixture_sta
   again = initial_checkpoint.read_state_dict(path)
   assert again['state']['step'] == 1000000
   common.assert_trees_equal(again, state)
+
+
+def test_truncated_or_damaged_checkpoints_are_user_errors(tmp_path, fixture_state):
+  """A cut-off copy (the first half of the fixture) names the file and says it is truncated."""
+  with open(common.fixture_path(), 'rb') as f:
+    data = f.read()
+  bare = tmp_path / 'test_t5_tiny.checkpoint_0'
+  bare.write_bytes(data[:len(data) // 2])
+  step_dir = tmp_path / 'checkpoint_0'
+  step_dir.mkdir()
+  (step_dir / 'checkpoint').write_bytes(data[:len(data) // 2])
+  for path, msgpack_file in ((bare, bare), (step_dir, step_dir / 'checkpoint')):
+    with pytest.raises(errors.UserError) as info:
+      initial_checkpoint.read_state_dict(str(path))
+    assert isinstance(info.value, CheckpointReadError) and isinstance(info.value, ValueError)
+    assert str(info.value) == (
+        f'{msgpack_file} is truncated: its msgpack data ends early (after '
+        f'{len(data) // 2:,} bytes), so the checkpoint copy is incomplete: copy the checkpoint '
+        'again (t5tpu gcs cp, or gsutil -m cp -r) and compare its size with the source')
+  bare.write_bytes(b'')
+  with pytest.raises(CheckpointReadError, match=r'test_t5_tiny\.checkpoint_0 is empty \(0 bytes\)'):
+    initial_checkpoint.read_state_dict(str(bare))
+  bare.write_bytes(b'\xc1 not msgpack')
+  with pytest.raises(CheckpointReadError, match='is corrupt or not a T5X checkpoint'):
+    initial_checkpoint.read_state_dict(str(bare))
+  # a zarr folder missing from a copied checkpoint names the array and its folder
+  path = str(tmp_path / 'zarr' / 'checkpoint_0')
+  t5x_legacy.write(path, fixture_state)
+  folder = 'target.token_embedder.embedding'
+  for name in os.listdir(os.path.join(path, folder)):
+    os.remove(os.path.join(path, folder, name))
+  os.rmdir(os.path.join(path, folder))
+  with pytest.raises(CheckpointReadError, match=re.escape(
+      f'{path}: cannot read the array target/token_embedder/embedding from its zarr folder '
+      f'{folder}/ (ValueError: NOT_FOUND')):
+    initial_checkpoint.read_state_dict(path)

@@ -1,11 +1,14 @@
 """Orbax-format t5x checkpoints (checkpoint_N/state), as t5x's train() writes them."""
+import logging
+import re
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5tpu import checkpoints, initial_checkpoint
-from t5tpu.formats import t5x_legacy, t5x_orbax
+from t5tpu import checkpoints, errors, initial_checkpoint
+from t5tpu.formats import CheckpointReadError, t5x_legacy, t5x_orbax
 from tests.formats import common
 
 
@@ -54,3 +57,30 @@ def test_written_checkpoint_resumes_in_t5tpu(tmp_path, fixture_state):
   common.assert_trees_equal(jax.device_get(state.params), fixture_state['target'])
   with pytest.raises(ValueError, match='names step 7'):
     t5x_orbax.write(str(tmp_path / 'other' / 'checkpoint_7'), fixture_state)
+
+
+def test_damaged_metadata_is_a_user_error_naming_the_path(tmp_path, caplog):
+  state = {'target': {'encoder': {'x': np.arange(6, dtype=np.float32).reshape(2, 3)}},
+           'state': {'step': 3}}
+  path = t5x_orbax.write(str(tmp_path / 'run'), state)
+  metadata = tmp_path / 'run' / 'checkpoint_3' / 'state' / '_METADATA'
+  good = metadata.read_text()
+  for garbage in ('{"tree_metadata": {', '', '[1, 2]'):
+    metadata.write_text(garbage)
+    with pytest.raises(errors.UserError) as info:
+      initial_checkpoint.read_state_dict(path)
+    assert isinstance(info.value, CheckpointReadError)
+    assert str(info.value).startswith(
+        f'{metadata} is corrupt (not a JSON object), so the orbax checkpoint {path} cannot be '
+        'read: it is truncated or damaged: copy the checkpoint again')
+  metadata.unlink()
+  with pytest.raises(CheckpointReadError,
+                     match=re.escape(f'cannot read the orbax checkpoint {path} (')):
+    initial_checkpoint.read_state_dict(path)
+  # The step's _CHECKPOINT_METADATA is not needed to read the state: damage is only logged.
+  metadata.write_text(good)
+  (tmp_path / 'run' / 'checkpoint_3' / '_CHECKPOINT_METADATA').write_text('{garbage')
+  with caplog.at_level(logging.WARNING, logger='t5tpu.formats.t5x_orbax'):
+    again = initial_checkpoint.read_state_dict(path)
+  assert np.array_equal(again['target']['encoder']['x'], state['target']['encoder']['x'])
+  assert f'{path}/_CHECKPOINT_METADATA is not valid JSON' in caplog.text
