@@ -32,8 +32,10 @@ _TF_CHATTER = re.compile(
     r'computation_placer\.cc.*already registered|Failed call to cuInit|'
     r'cuda_executor|gpu_device\.cc')
 
+# Set by TPU runtimes (Cloud TPU VMs, Colab). Not TPU_SKIP_MDS_QUERY or TPU_LIBRARY_PATH:
+# jax sets those itself whenever libtpu is installed, TPU or not.
 _TPU_ENV = ('TPU_NAME', 'TPU_ACCELERATOR_TYPE', 'COLAB_TPU_ADDR', 'TPU_WORKER_ID',
-            'TPU_SKIP_MDS_QUERY', 'CLOUD_TPU_TASK_ID')
+            'CLOUD_TPU_TASK_ID')
 
 
 def tpu_present() -> bool:
