@@ -120,9 +120,11 @@ class Checkpointer:
     self.optimizer_def = optimizer_def
     self.save_cfg = save_cfg or SaveCheckpointConfig()
     storage.makedirs(model_dir)
+    # cleanup_tmp_directories: a save cut short (kill -9, preemption) leaves a temporary
+    # directory; the run holding MODEL_DIR's lock removes them at start.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self.save_cfg.keep, step_prefix=STEP_PREFIX, create=True,
-        enable_async_checkpointing=self.save_cfg.async_save)
+        enable_async_checkpointing=self.save_cfg.async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         storage.orbax_path(model_dir), options=options, item_names=('state', 'dataset'))
     self.saved_step: Optional[int] = None

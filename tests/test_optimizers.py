@@ -110,3 +110,29 @@ def test_adamw_trains_sharded():
   assert losses[-1] < losses[0]
   mu = state.opt_state[1][0].mu['encoder']['layers_0']['mlp']['wi_0']['kernel']
   assert mu.sharding.spec == jax.sharding.PartitionSpec(None, 'model')
+
+
+def test_adamw_matches_optax_and_its_schedule_follows_the_global_step():
+  """Fine-tuning a checkpoint at step 1000 with a fresh AdamW: the learning rate applied is
+  the schedule's at step 1000 (as the log says), not at optax's own count 0."""
+  import optax
+  schedule = optimizers.create_learning_rate_scheduler(
+      factors='constant * linear_warmup', base_learning_rate=0.1, warmup_steps=1000)
+  tx = optimizers.AdamW(max_grad_norm=None).make(schedule)
+  params = {'w': jnp.arange(4.0), 'b': jnp.ones((2, 3))}
+  grads = jax.tree.map(lambda p: 0.5 - p, params)
+  fresh = tx.init(params)
+  at_0, _ = tx.update(grads, fresh, params, global_step=jnp.int32(0))
+  at_1000, _ = tx.update(grads, fresh, params, global_step=jnp.int32(1000))
+  reference = optax.adamw(0.1, weight_decay=0.0)  # the warm-up's value from step 1000 on
+  expected, _ = reference.update(grads, reference.init(params), params)
+  tiny = lambda updates: max(float(np.abs(u).max()) for u in jax.tree.leaves(updates)) < 1e-7
+  assert tiny(at_0)  # the warm-up's first rate (the schedule's floor, 1e-8)
+  for ours, theirs in zip(jax.tree.leaves(at_1000), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(ours, theirs)
+  # The state keeps optax.adamw's tree, so checkpoints written before still restore.
+  assert jax.tree.structure(fresh) == jax.tree.structure(
+      optax.chain(optax.adamw(schedule)).init(params))
+  # Without global_step (optax's usual call), optax's own count drives the schedule.
+  plain, _ = tx.update(grads, fresh, params)
+  assert tiny(plain)
