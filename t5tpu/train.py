@@ -241,7 +241,7 @@ class StepLog:
         where = f'checkpoint_{good}' if good is not None else 'none yet'
         raise NonFiniteError(
             f'training stopped at step {step}: the loss or the parameter update became '
-            f'non-finite (NaN/Inf). Nothing after step {step - 1} was saved; the last good '
+            f'non-finite (NaN/Inf). Nothing from step {step} on was saved; the last good '
             f'checkpoint in MODEL_DIR is {where}. Lower LEARNING_RATE (or add warm-up), check '
             'the data, or set ON_NONFINITE = "skip" to skip such steps instead.')
     self.checked = len(self.pending)
@@ -322,6 +322,7 @@ def train(*,
   restore_cfg = checkpoint_cfg.restore or ckpt_lib.RestoreCheckpointConfig()
   model_dir = storage.resolve(model_dir)
   restore_cfg = dataclasses.replace(restore_cfg, path=storage.resolve(restore_cfg.path))
+  storage.check_reachable(model_dir, restore_cfg.path)  # seconds, not minutes of retries
   partitioner.check_batch_size(train_dataset_cfg.batch_size)
   data_lib.check_task(train_dataset_cfg, model)
   with model_dir_lock.ModelDirLock(model_dir):
