@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import re
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,16 +115,23 @@ def cast_params(tree, dtype: Optional[str]):
 class Checkpointer:
   """Saves and restores TrainStates (and input positions) under one MODEL_DIR."""
 
-  def __init__(self, model_dir: str, optimizer_def, save_cfg: Optional[SaveCheckpointConfig]):
+  def __init__(self, model_dir: str, optimizer_def, save_cfg: Optional[SaveCheckpointConfig],
+               protected_step: Optional[Callable[[], Optional[int]]] = None):
+    """`protected_step()` names a checkpoint that `keep` must not delete (the best one)."""
     self.model_dir = model_dir
     self.optimizer_def = optimizer_def
     self.save_cfg = save_cfg or SaveCheckpointConfig()
+    self.protected_step = protected_step
     storage.makedirs(model_dir)
     # cleanup_tmp_directories: a save cut short (kill -9, preemption) leaves a temporary
-    # directory; the run holding MODEL_DIR's lock removes them at start.
+    # directory; the run holding MODEL_DIR's lock removes them at start. (Local dirs only: on
+    # gs:// orbax writes in place and an unfinished checkpoint_N is simply never listed.)
+    # With a protected checkpoint, `keep` is applied here (_prune), not by orbax.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.save_cfg.keep, step_prefix=STEP_PREFIX, create=True,
-        enable_async_checkpointing=self.save_cfg.async_save, cleanup_tmp_directories=True)
+        max_to_keep=None if protected_step else self.save_cfg.keep, step_prefix=STEP_PREFIX,
+        create=True,
+        enable_async_checkpointing=self.save_cfg.async_save,
+        cleanup_tmp_directories=not storage.is_remote(model_dir))
     self.manager = ocp.CheckpointManager(
         storage.orbax_path(model_dir), options=options, item_names=('state', 'dataset'))
     self.saved_step: Optional[int] = None
@@ -140,7 +147,25 @@ class Checkpointer:
     items['dataset'] = ocp.args.JsonSave(dataset_state or {})
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self.saved_step = step
+    self._prune()
     return True
+
+  def _prune(self) -> None:
+    """The newest `keep` checkpoints and the protected one stay; older ones go, once no save
+    is in flight (a deletion racing an asynchronous save is not worth the risk)."""
+    keep = self.save_cfg.keep
+    if not (self.protected_step and keep) or self.manager.is_saving_in_progress():
+      return
+    steps = sorted(self.manager.all_steps())
+    protected = self.protected_step()
+    for step in steps[:-keep]:
+      if step != protected:  # (orbax deletes from process 0 itself)
+        self.manager.delete(step)
+
+  def wait_for(self, step: int) -> None:
+    """Blocks until the checkpoint of `step` is complete (it may be saving asynchronously)."""
+    if step == self.saved_step:
+      self.manager.wait_until_finished()
 
   def latest_saved(self) -> Optional[int]:
     """The newest checkpoint of MODEL_DIR, this run's own saves included."""
@@ -204,6 +229,7 @@ class Checkpointer:
 
   def close(self):
     self.manager.wait_until_finished()
+    self._prune()
     self.manager.close()
 
 

@@ -139,6 +139,42 @@ def get_dataset(cfg: DatasetConfig, shard_id: int = 0, num_shards: int = 1,
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+EPOCH_CACHE = 'train_epoch_size.json'
+
+
+def steps_per_epoch(cfg: DatasetConfig, cache_dir: str, shard_id: int = 0,
+                    num_shards: int = 1) -> int:
+  """Batches in one pass over the training split (packed as configured), counted once.
+
+  Counting reads the split through preprocessing once; the count is cached in
+  `cache_dir/train_epoch_size.json` under the data set-up's fingerprint, so a resumed run (or
+  a raised TRAIN_EPOCHS) does not count again. Hosts may hold shards of different sizes:
+  process 0's count is everyone's.
+  """
+  import dataclasses
+  import json
+  from t5tpu import distributed, storage
+  key = fingerprint(dataclasses.replace(cfg, num_epochs=1), shard_id, num_shards)
+  path = storage.join(cache_dir, EPOCH_CACHE)
+  cached = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+  if key in cached:
+    return int(cached[key])
+  log.info('TRAIN_EPOCHS: counting the batches of one pass over %s/%s (once; cached in %s)',
+           cfg.mixture_or_task_name, cfg.split, path)
+  one_pass = dataclasses.replace(cfg, num_epochs=1, shuffle=False)
+  count = int(get_dataset(one_pass, shard_id, num_shards).reduce(0, lambda n, _: n + 1))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    count = int(multihost_utils.broadcast_one_to_all(np.int64(count)))
+  if count == 0:
+    raise errors.UserError(
+        f'TRAIN_EPOCHS: the {cfg.split!r} split of {cfg.mixture_or_task_name!r} gives no '
+        f'batch of BATCH_SIZE={cfg.batch_size}: use a smaller BATCH_SIZE or more data')
+  if distributed.is_primary():
+    storage.write_text(path, json.dumps({**cached, key: count}, indent=1) + '\n')
+  return count
+
+
 class InputIterator:
   """Numpy batches from a tf.data pipeline, with a position a restarted run can resume at.
 

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
 from t5tpu import distributed
+from t5tpu import early_stopping
 from t5tpu import errors
 from t5tpu import evaluation
 from t5tpu import initial_checkpoint
@@ -29,16 +30,21 @@ log = logging.getLogger('t5tpu.eval')
 
 
 def checkpoints_to_evaluate(path: str, mode: str) -> list[tuple[int, str]]:
-  """[(step, checkpoint path)] for a restore mode."""
+  """[(step, checkpoint path)] for a restore mode: 'specific' (a checkpoint, or
+  `<MODEL_DIR>/best`), or, for a MODEL_DIR, 'latest', 'all' or 'best' (early stopping's)."""
+  path = storage.resolve(path)
+  if mode == 'best':
+    path, mode = storage.join(path, 'best'), 'specific'
   if mode == 'specific':
+    path = early_stopping.resolve(path)
     return [(initial_checkpoint.checkpoint_step(path), path)]
   if mode not in ('latest', 'all'):
-    raise ValueError(f"RestoreCheckpointConfig.mode={mode!r}: use 'specific', 'latest' or "
-                     "'all'")
+    raise errors.UserError(f"RestoreCheckpointConfig.mode={mode!r}: use 'specific', 'latest', "
+                           "'all' or 'best'")
   steps = ckpt_lib.all_steps(path)
   if not steps:
-    raise FileNotFoundError(f'no complete checkpoint_<step> in {path} (mode {mode!r} expects '
-                            'CHECKPOINT_PATH to be a MODEL_DIR)')
+    raise errors.UserError(f'no complete checkpoint_<step> in {path} (mode {mode!r} expects '
+                           'CHECKPOINT_PATH to be a MODEL_DIR)')
   if mode == 'latest':
     steps = steps[-1:]
   return [(s, ckpt_lib.step_dir(path, s)) for s in steps]

@@ -23,6 +23,7 @@ from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
 from t5tpu import distributed
 from t5tpu import errors
+from t5tpu import eval as eval_lib
 from t5tpu import evaluation
 from t5tpu import initial_checkpoint
 from t5tpu import models
@@ -143,9 +144,11 @@ def infer(*,
   shapes = {'encoder_input_tokens': (batch_size, 8), 'decoder_input_tokens': (batch_size, 8)}
   trainer = trainer_lib.Trainer(model, partitioner, lambda _: 0.0, None, shapes)
 
-  path = restore_checkpoint_cfg.path
-  if restore_checkpoint_cfg.mode == 'latest':
-    path = ckpt_lib.step_dir(path, ckpt_lib.latest_step(path))
+  if restore_checkpoint_cfg.mode == 'all':
+    raise errors.UserError("infer reads one checkpoint: RestoreCheckpointConfig.mode 'all' is "
+                           "for t5tpu eval; use 'specific', 'latest' or 'best'")
+  path = eval_lib.checkpoints_to_evaluate(restore_checkpoint_cfg.path,
+                                          restore_checkpoint_cfg.mode)[-1][1]
   params = initial_checkpoint.load_params(path, trainer, restore_checkpoint_cfg)
   predict = evaluation.decoding_fn(model, trainer, decode_kwargs or {})
   score_fn = None

@@ -7,6 +7,7 @@ nothing to do; a smaller one is an error. SIGTERM (preemption) saves a checkpoin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import signal
@@ -20,6 +21,7 @@ import numpy as np
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
 from t5tpu import distributed
+from t5tpu import early_stopping as early_stopping_lib
 from t5tpu import errors
 from t5tpu import initial_checkpoint
 from t5tpu import model_dir_lock
@@ -122,6 +124,7 @@ class Start:
   snapshot: Optional[dict]
   source: str  # what it was restored from, for the log
   resumed: bool  # from MODEL_DIR's own checkpoint
+  loop_state: dict  # the loop's own state saved with the input position (early stopping, ...)
 
 
 def _check_fits(trainer: trainer_lib.Trainer, path: str, shapes: dict) -> None:
@@ -162,7 +165,7 @@ def restore_or_init(trainer: trainer_lib.Trainer, checkpointer: ckpt_lib.Checkpo
   return Start(state=state, seed=_resolve_seed(random_seed, dataset_state.get('seed')),
                position=int(dataset_state.get('position', 0)) if keep_position else 0,
                snapshot=dataset_state.get('iterator') if keep_position else None,
-               source=source, resumed=found is not None)
+               source=source, resumed=found is not None, loop_state=dataset_state)
 
 
 # ----------------------------------------------------------------------------- input
@@ -287,6 +290,36 @@ class StepLog:
 
 # ----------------------------------------------------------------------------- train
 
+@dataclasses.dataclass
+class Run:
+  """One training run's configuration, as train() received it (paths resolved)."""
+  model: models.EncoderDecoderModel
+  train_dataset_cfg: data_lib.DatasetConfig
+  partitioner: partitioning.PjitPartitioner
+  model_dir: str
+  total_steps: Optional[int]
+  relative_steps: Optional[int]
+  train_epochs: Optional[float]
+  save_cfg: ckpt_lib.SaveCheckpointConfig
+  restore_cfg: ckpt_lib.RestoreCheckpointConfig
+  learning_rate_fn: Callable
+  num_microbatches: Optional[int]
+  train_eval_dataset_cfg: Optional[data_lib.DatasetConfig]
+  infer_eval_dataset_cfg: Optional[data_lib.DatasetConfig]
+  eval_period: Optional[int]
+  eval_steps: int
+  log_period: int
+  random_seed: Optional[int]
+  run_eval_before_training: bool
+  inference_evaluator_cls: Optional[Callable]
+  skip_nonfinite: bool
+  early_stopping: early_stopping_lib.EarlyStopping
+
+  @property
+  def lengths(self) -> dict:
+    return dict(self.train_dataset_cfg.task_feature_lengths)
+
+
 def train(*,
           model: models.EncoderDecoderModel,
           train_dataset_cfg: data_lib.DatasetConfig,
@@ -294,6 +327,7 @@ def train(*,
           model_dir: str,
           total_steps: Optional[int] = None,
           relative_steps: Optional[int] = None,
+          train_epochs: Optional[float] = None,
           checkpoint_cfg: Optional[ckpt_lib.CheckpointConfig] = None,
           learning_rate_fn: Optional[Callable] = None,
           num_microbatches: Optional[int] = None,
@@ -305,124 +339,150 @@ def train(*,
           random_seed: Optional[int] = None,
           run_eval_before_training: bool = False,
           inference_evaluator_cls: Optional[Callable] = None,
-          on_nonfinite: str = 'stop') -> Optional[Any]:
+          on_nonfinite: str = 'stop',
+          early_stopping: Optional[early_stopping_lib.EarlyStopping] = None) -> Optional[Any]:
   """Trains `model` on `train_dataset_cfg` until the step counter reaches total_steps.
 
-  Everything the user can get wrong is checked before MODEL_DIR changes. `on_nonfinite`:
-  'stop' (default) ends the run with an error at the first NaN/Inf loss or update, before it
-  reaches a checkpoint; 'skip' leaves the parameters and optimizer state of such a step
-  unchanged and goes on. Returns the final TrainState (process-local handles; useful in tests
-  and notebooks).
+  Everything the user can get wrong is checked before MODEL_DIR changes. `train_epochs`
+  (TRAIN_EPOCHS) instead of total_steps: that many passes over the training split after the
+  step training started from. `on_nonfinite`: 'stop' (default) ends the run with an error at
+  the first NaN/Inf loss or update, before it reaches a checkpoint; 'skip' leaves the
+  parameters and optimizer state of such a step unchanged and goes on. `early_stopping`: stop
+  when a validation metric stops improving, and keep the best checkpoint. Returns the final
+  TrainState (process-local handles; useful in tests and notebooks).
   """
-  if total_steps is None and relative_steps is None:
-    raise errors.UserError('set TRAIN_STEPS (absolute) or TRAIN_STEPS_RELATIVE')
+  if total_steps is None and relative_steps is None and train_epochs is None:
+    raise errors.UserError('set TRAIN_STEPS (absolute), TRAIN_STEPS_RELATIVE or TRAIN_EPOCHS')
+  if train_epochs is not None and (total_steps is not None or relative_steps is not None):
+    raise errors.UserError('TRAIN_EPOCHS counts the steps itself: set TRAIN_STEPS = None and '
+                           'TRAIN_STEPS_RELATIVE = None with it')
   if on_nonfinite not in ('stop', 'skip'):
     raise errors.UserError(f'ON_NONFINITE={on_nonfinite!r}: use "stop" or "skip"')
   checkpoint_cfg = checkpoint_cfg or ckpt_lib.CheckpointConfig()
   restore_cfg = checkpoint_cfg.restore or ckpt_lib.RestoreCheckpointConfig()
-  model_dir = storage.resolve(model_dir)
-  restore_cfg = dataclasses.replace(restore_cfg, path=storage.resolve(restore_cfg.path))
-  storage.check_reachable(model_dir, restore_cfg.path)  # seconds, not minutes of retries
-  partitioner.check_batch_size(train_dataset_cfg.batch_size)
-  data_lib.check_task(train_dataset_cfg, model)
-  with model_dir_lock.ModelDirLock(model_dir):
-    return _train_locked(
-        model=model, train_dataset_cfg=train_dataset_cfg, partitioner=partitioner,
-        model_dir=model_dir, total_steps=total_steps, relative_steps=relative_steps,
-        save_cfg=checkpoint_cfg.save or ckpt_lib.SaveCheckpointConfig(),
-        restore_cfg=restore_cfg,
-        learning_rate_fn=learning_rate_fn, num_microbatches=num_microbatches,
-        train_eval_dataset_cfg=train_eval_dataset_cfg,
-        infer_eval_dataset_cfg=infer_eval_dataset_cfg, eval_period=eval_period,
-        eval_steps=eval_steps, log_period=log_period, random_seed=random_seed,
-        run_eval_before_training=run_eval_before_training,
-        inference_evaluator_cls=inference_evaluator_cls,
-        skip_nonfinite=on_nonfinite == 'skip')
-
-
-def _train_locked(*, model, train_dataset_cfg, partitioner, model_dir, total_steps,
-                  relative_steps, save_cfg, restore_cfg, learning_rate_fn, num_microbatches,
-                  train_eval_dataset_cfg, infer_eval_dataset_cfg, eval_period, eval_steps,
-                  log_period, random_seed, run_eval_before_training, inference_evaluator_cls,
-                  skip_nonfinite):
   if learning_rate_fn is None:
     from t5tpu import optimizers
     learning_rate_fn = optimizers.create_learning_rate_scheduler()
-  batch_size = train_dataset_cfg.batch_size
-  lengths = dict(train_dataset_cfg.task_feature_lengths)
-  input_shapes = {'encoder_input_tokens': (batch_size, lengths['inputs']),
-                  'decoder_input_tokens': (batch_size, lengths['targets'])}
-  trainer = trainer_lib.Trainer(model, partitioner, learning_rate_fn, num_microbatches,
-                                input_shapes, skip_nonfinite_steps=skip_nonfinite)
-  checkpointer = ckpt_lib.Checkpointer(model_dir, model.optimizer_def, save_cfg)
+  run = Run(
+      model=model, train_dataset_cfg=train_dataset_cfg, partitioner=partitioner,
+      model_dir=storage.resolve(model_dir), total_steps=total_steps,
+      relative_steps=relative_steps, train_epochs=train_epochs,
+      save_cfg=checkpoint_cfg.save or ckpt_lib.SaveCheckpointConfig(),
+      restore_cfg=dataclasses.replace(restore_cfg, path=storage.resolve(restore_cfg.path)),
+      learning_rate_fn=learning_rate_fn, num_microbatches=num_microbatches,
+      train_eval_dataset_cfg=train_eval_dataset_cfg,
+      infer_eval_dataset_cfg=infer_eval_dataset_cfg, eval_period=eval_period,
+      eval_steps=eval_steps, log_period=log_period, random_seed=random_seed,
+      run_eval_before_training=run_eval_before_training,
+      inference_evaluator_cls=inference_evaluator_cls, skip_nonfinite=on_nonfinite == 'skip',
+      early_stopping=copy.deepcopy(early_stopping or early_stopping_lib.EarlyStopping()))
+  storage.check_reachable(run.model_dir, run.restore_cfg.path)  # seconds, not minutes
+  partitioner.check_batch_size(train_dataset_cfg.batch_size)
+  data_lib.check_task(train_dataset_cfg, model)
+  if run.early_stopping.enabled and not (infer_eval_dataset_cfg and eval_period):
+    raise errors.UserError(
+        f'EARLY_STOPPING_METRIC={run.early_stopping.metric!r} needs the inference evaluation '
+        '(infer_eval DatasetConfig, as runs/finetune.gin sets) and an EVAL_PERIOD')
+  with model_dir_lock.ModelDirLock(run.model_dir):
+    return _train_locked(run)
+
+
+def _train_locked(run: Run):
+  batch_size = run.train_dataset_cfg.batch_size
+  input_shapes = {'encoder_input_tokens': (batch_size, run.lengths['inputs']),
+                  'decoder_input_tokens': (batch_size, run.lengths['targets'])}
+  trainer = trainer_lib.Trainer(run.model, run.partitioner, run.learning_rate_fn,
+                                run.num_microbatches, input_shapes,
+                                skip_nonfinite_steps=run.skip_nonfinite)
+  protect = (lambda: run.early_stopping.best_step) if run.early_stopping.enabled else None
+  checkpointer = ckpt_lib.Checkpointer(run.model_dir, run.model.optimizer_def, run.save_cfg,
+                                       protected_step=protect)
   try:
-    start = restore_or_init(trainer, checkpointer, restore_cfg, random_seed)
+    start = restore_or_init(trainer, checkpointer, run.restore_cfg, run.random_seed)
+    run.early_stopping.restore(start.loop_state.get('early_stopping'))
     start_step = int(jax.device_get(start.state.step))
-    if relative_steps is not None:
-      total_steps = start_step + relative_steps
-    if total_steps < start_step:
-      raise errors.UserError(
-          f'TRAIN_STEPS={total_steps} is below the step of the checkpoint being resumed '
-          f'({start_step}). TRAIN_STEPS counts all steps, including those already done '
-          f'(and pre-training steps of INITIAL_CHECKPOINT_PATH): set it above {start_step}, '
-          'or use TRAIN_STEPS_RELATIVE.')
+    total_steps = _total_steps(run, start, start_step, trainer)
     log.info('%s %s (step %d)', 'resumed from' if start.resumed else 'initialised from',
              start.source, start_step)
     # The input pipeline reads (and checks) the data before anything is written.
-    pipeline = InputPipeline(train_dataset_cfg, trainer, start, snapshot_every=save_cfg.period)
+    pipeline = InputPipeline(run.train_dataset_cfg, trainer, start,
+                             snapshot_every=run.save_cfg.period)
   except BaseException:
     checkpointer.close()
     raise
   try:
-    write_model_info(model_dir, trainer)  # only now: a run refused above changes nothing
-    return _loop(model=model, trainer=trainer, checkpointer=checkpointer, start=start,
-                 pipeline=pipeline,
-                 start_step=start_step, total_steps=total_steps, model_dir=model_dir,
-                 train_dataset_cfg=train_dataset_cfg, save_cfg=save_cfg,
-                 learning_rate_fn=learning_rate_fn, lengths=lengths,
-                 train_eval_dataset_cfg=train_eval_dataset_cfg,
-                 infer_eval_dataset_cfg=infer_eval_dataset_cfg, eval_period=eval_period,
-                 eval_steps=eval_steps, log_period=log_period,
-                 run_eval_before_training=run_eval_before_training,
-                 inference_evaluator_cls=inference_evaluator_cls, skip_nonfinite=skip_nonfinite)
+    write_model_info(run.model_dir, trainer)  # only now: a run refused above changes nothing
+    return _loop(run, trainer, checkpointer, start, pipeline, start_step, total_steps)
   finally:
     pipeline.close()
     checkpointer.close()
 
 
-def _loop(*, model, trainer, checkpointer, start, pipeline, start_step, total_steps, model_dir,
-          train_dataset_cfg, save_cfg, learning_rate_fn, lengths, train_eval_dataset_cfg,
-          infer_eval_dataset_cfg, eval_period, eval_steps, log_period,
-          run_eval_before_training, inference_evaluator_cls, skip_nonfinite):
-  state = start.state
-  inference_evaluator = None
-  if infer_eval_dataset_cfg is not None and inference_evaluator_cls is not None:
-    inference_evaluator = inference_evaluator_cls(
-        model=model, trainer=trainer, dataset_cfg=infer_eval_dataset_cfg, log_dir=model_dir)
+def _total_steps(run: Run, start: Start, start_step: int, trainer) -> int:
+  """TRAIN_STEPS, from TRAIN_STEPS_RELATIVE or TRAIN_EPOCHS where those are given."""
+  total = run.total_steps
+  if run.relative_steps is not None:
+    total = start_step + run.relative_steps
+  elif run.train_epochs is not None:
+    first = int(start.loop_state.get('first_step', start_step))
+    per_epoch = data_lib.steps_per_epoch(run.train_dataset_cfg, run.model_dir,
+                                         *partitioning.data_shard(trainer.partitioner.mesh))
+    total = first + int(round(run.train_epochs * per_epoch))
+    log.info('TRAIN_EPOCHS=%s: %d steps per epoch from step %d -> TRAIN_STEPS=%d',
+             run.train_epochs, per_epoch, first, total)
+  if total < start_step:
+    raise errors.UserError(
+        f'TRAIN_STEPS={total} is below the step of the checkpoint being resumed '
+        f'({start_step}). TRAIN_STEPS counts all steps, including those already done '
+        f'(and pre-training steps of INITIAL_CHECKPOINT_PATH): set it above {start_step}, '
+        'or use TRAIN_STEPS_RELATIVE.')
+  return total
 
-  def run_evals(step):
-    if train_eval_dataset_cfg is not None:
+
+def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline,
+          start_step: int, total_steps: int):
+  state = start.state
+  tracker = run.early_stopping
+  first_step = int(start.loop_state.get('first_step', start_step))
+  inference_evaluator = None
+  if run.infer_eval_dataset_cfg is not None and run.inference_evaluator_cls is not None:
+    inference_evaluator = run.inference_evaluator_cls(
+        model=run.model, trainer=trainer, dataset_cfg=run.infer_eval_dataset_cfg,
+        log_dir=run.model_dir)
+
+  def run_evals(step) -> bool:
+    """Evaluates; True when this step is early stopping's new best."""
+    if run.train_eval_dataset_cfg is not None:
       from t5tpu import evaluation
-      evaluation.run_train_eval(trainer, state.params, train_eval_dataset_cfg, eval_steps,
-                                step, model_dir)
-    if inference_evaluator is not None:
-      inference_evaluator.evaluate(state.params, step)
+      evaluation.run_train_eval(trainer, state.params, run.train_eval_dataset_cfg,
+                                run.eval_steps, step, run.model_dir)
+    if inference_evaluator is None:
+      return False
+    results = inference_evaluator.evaluate(state.params, step)
+    return tracker.enabled and _share(tracker.update(step, results) if
+                                      distributed.is_primary() else False, tracker)
 
   if total_steps == start_step:
     log.warning('nothing to do: the checkpoint is already at TRAIN_STEPS=%d. Raise '
                 'TRAIN_STEPS to train further.', total_steps)
-    if run_eval_before_training:
+    if run.run_eval_before_training:
       run_evals(start_step)
     return state
-  if run_eval_before_training and not start.resumed:
+  if run.run_eval_before_training and not start.resumed:
     run_evals(start_step)  # (a resumed run skips this: its step was evaluated before)
 
-  period = save_cfg.period
+  period = run.save_cfg.period
   base_rng = jax.random.PRNGKey(start.seed)
-  steplog = StepLog(summaries.SummaryWriter(storage.join(model_dir, 'train')),
-                    learning_rate_fn, train_dataset_cfg.batch_size, lengths, model.config,
-                    start_step, total_steps, skip_nonfinite)
-  position = lambda step: start.position + (step - start_step)
+  steplog = StepLog(summaries.SummaryWriter(storage.join(run.model_dir, 'train')),
+                    run.learning_rate_fn, run.train_dataset_cfg.batch_size, run.lengths,
+                    run.model.config, start_step, total_steps, run.skip_nonfinite)
+
+  def save(step):
+    steplog.check_finite(checkpointer.latest_saved)  # nothing non-finite is saved
+    loop_state = {'first_step': first_step, 'early_stopping': tracker.state()}
+    data_state = {**pipeline.state(start.position + (step - start_step)), **loop_state}
+    checkpointer.save(state, data_state)
+
   step, config_written, stop = start_step, False, None
   try:
     with _Preemption() as preemption:
@@ -436,31 +496,65 @@ def _loop(*, model, trainer, checkpointer, start, pipeline, start_step, total_st
         step += 1
         steplog.add(metrics)
         if not config_written:
-          write_operative_config(model_dir)
+          write_operative_config(run.model_dir)
           config_written = True
         stop = 'sigterm' if preemption.requested else None
         is_last = step == total_steps
-        if step % log_period == 0 or is_last:
+        if step % run.log_period == 0 or is_last:
           steplog.flush(step, checkpointer.latest_saved)
-        if (period and step % period == 0) or is_last or stop:
-          steplog.check_finite(checkpointer.latest_saved)  # nothing non-finite is saved
-          checkpointer.save(state, pipeline.state(position(step)))
-        if eval_period and (step % eval_period == 0 or is_last):
-          run_evals(step)
+        best = False
+        # Evaluate before saving: the checkpoint then holds early stopping's count of it.
+        if run.eval_period and (step % run.eval_period == 0 or is_last) and not stop:
+          best = run_evals(step)
+          if tracker.should_stop():
+            stop = 'early'
+        if (period and step % period == 0) or is_last or stop or best:
+          save(step)
+        if best:
+          _write_best(run, checkpointer, tracker)
     if stop == 'data':
-      _end_of_data(step, start_step, train_dataset_cfg)
+      _end_of_data(step, start_step, run.train_dataset_cfg)
       steplog.flush(step, checkpointer.latest_saved)
-      checkpointer.save(state, pipeline.state(position(step)))
-      if eval_period:
-        run_evals(step)
+      best = bool(run.eval_period) and run_evals(step)
+      save(step)
+      if best:
+        _write_best(run, checkpointer, tracker)
   finally:
     steplog.close()
-  write_operative_config(model_dir)
+  write_operative_config(run.model_dir)
   if stop == 'sigterm':
     log.warning('stopped by SIGTERM at step %d; rerun the same command to continue', step)
+  elif stop == 'early':
+    log.warning('early stopping at step %d: %s has not improved for %d evaluations; the best, '
+                '%.4f at step %d, is %s', step, tracker.metric, tracker.evals_since_best,
+                tracker.best_value, tracker.best_step,
+                ckpt_lib.step_dir(run.model_dir, tracker.best_step))
   else:
-    log.info('done: step %d, checkpoints in %s', step, model_dir)
+    log.info('done: step %d, checkpoints in %s', step, run.model_dir)
   return state
+
+
+def _share(improved: bool, tracker) -> bool:
+  """Process 0 computes the metrics: every host takes its early-stopping decision."""
+  if jax.process_count() == 1:
+    return improved
+  from jax.experimental import multihost_utils
+  state = tracker.state()
+  packed = np.array([improved, tracker.evals_since_best, tracker.best_step or -1,
+                     tracker.best_value if tracker.best_value is not None else np.nan],
+                    np.float64)
+  packed = multihost_utils.broadcast_one_to_all(packed)
+  improved, state['evals_since_best'] = bool(packed[0]), int(packed[1])
+  state['best_step'] = None if packed[2] < 0 else int(packed[2])
+  state['best_value'] = None if np.isnan(packed[3]) else float(packed[3])
+  tracker.restore(state)
+  return improved
+
+
+def _write_best(run: Run, checkpointer, tracker) -> None:
+  if distributed.is_primary():
+    checkpointer.wait_for(tracker.best_step)  # the pointer never names a partial checkpoint
+    early_stopping_lib.write_pointer(run.model_dir, tracker)
 
 
 def _end_of_data(step: int, start_step: int, cfg: data_lib.DatasetConfig) -> None:

@@ -52,8 +52,10 @@ class StepMismatchError(errors.UserError, ValueError):
 # ----------------------------------------------------------------------------- inputs
 
 def resolve_source(path: str) -> str:
-  """A checkpoint path; for a MODEL_DIR holding checkpoint_<N> dirs, the newest readable one."""
-  path = path.rstrip('/')
+  """A checkpoint path; for a MODEL_DIR holding checkpoint_<N> dirs, the newest readable one;
+  `<MODEL_DIR>/best`, the best one early stopping kept."""
+  from t5tpu import early_stopping
+  path = early_stopping.resolve(path.rstrip('/'))
   try:
     initial_checkpoint.detect_format(path)
     return path
