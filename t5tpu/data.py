@@ -128,7 +128,10 @@ def get_dataset(cfg: DatasetConfig, shard_id: int = 0, num_shards: int = 1,
     raise ValueError(f'batch_size {cfg.batch_size} is not divisible by {num_shards} hosts')
   kwargs = dict(sequence_length=cfg.task_feature_lengths, split=cfg.split,
                 use_cached=cfg.use_cached, shuffle=cfg.shuffle, seed=seed,
-                shard_info=seqio.ShardInfo(shard_id, num_shards), num_epochs=cfg.num_epochs,
+                # One host reads everything: no ShardInfo, which would make seqio list the
+                # source's files (TFDS split metadata that mock data and some builders lack).
+                shard_info=seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None,
+                num_epochs=cfg.num_epochs,
                 try_in_mem_cache=False)
   ds = task.get_dataset(**kwargs)
   ds = feature_converter(cfg.pack)(ds, cfg.task_feature_lengths)
@@ -161,8 +164,10 @@ def steps_per_epoch(cfg: DatasetConfig, cache_dir: str, shard_id: int = 0,
     return int(cached[key])
   log.info('TRAIN_EPOCHS: counting the batches of one pass over %s/%s (once; cached in %s)',
            cfg.mixture_or_task_name, cfg.split, path)
-  one_pass = dataclasses.replace(cfg, num_epochs=1, shuffle=False)
-  count = int(get_dataset(one_pass, shard_id, num_shards).reduce(0, lambda n, _: n + 1))
+  # Read as training reads it (the order does not change the count).
+  one_pass = dataclasses.replace(cfg, num_epochs=1)
+  count = int(get_dataset(one_pass, shard_id, num_shards, seed=0).reduce(
+      0, lambda n, _: n + 1))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     count = int(multihost_utils.broadcast_one_to_all(np.int64(count)))

@@ -33,7 +33,7 @@ def test_every_example_is_tested():
   # knowledge_demo.gin runs end to end in tests/test_demo.py.
   assert names == ['cbqa_t5_1_1_small.gin', 'knowledge_demo.gin', 'knowledge_tiny.gin',
                    'knowledge_tiny_model.gin', 'stackoverflow_tags.gin',
-                   'xsum_t5_1_1_small.gin']
+                   'xsum_t5_1_1_small.gin', 'xsum_t5_base.gin', 'xsum_t5_small.gin']
 
 
 @pytest.mark.parametrize('name, task', [('cbqa_t5_1_1_small.gin', 'natural_questions_open'),
@@ -58,8 +58,10 @@ def test_stackoverflow_example_registers_its_task_from_gin(clean_gin, tmp_path):
   gin_utils.parse_gin([str(user)], ["MODEL_DIR = '/tmp/unused'",
                                     "tasks.custom.register_file_task.prefix = 'assign tag: '"])
   macro = lambda m: gin.query_parameter(f'{m}/macro.value')  # noqa: E731
-  assert macro('TRAIN_STEPS') == 1_009_380
-  assert macro('BATCH_SIZE') == 48
+  assert macro('TRAIN_STEPS') is None and macro('TRAIN_EPOCHS') == 10  # the tutorial's
+  assert macro('BATCH_SIZE') == 48 and macro('LEARNING_RATE') == 1e-4
+  assert type(gin.get_configurable('t5tpu.models.EncoderDecoderModel')().optimizer_def
+              ).__name__ == 'AdamW'
   assert macro('INITIAL_CHECKPOINT_PATH').endswith('/t5x/t5_small/checkpoint_1000000')
   name = gin.get_configurable('tasks.custom.register_file_task')()
   assert name == 'stackoverflow_tags'
@@ -69,6 +71,19 @@ def test_stackoverflow_example_registers_its_task_from_gin(clean_gin, tmp_path):
   first = exs[0]['inputs_pretokenized'].decode()
   assert first.startswith('assign tag: Sort a list of tuples by the second element I have')
   assert exs[0]['targets_pretokenized'].decode() == 'python list sorting'
+
+
+@pytest.mark.parametrize('name, emb_dim, checkpoint', [('xsum_t5_small.gin', 512, 't5_small'),
+                                                      ('xsum_t5_base.gin', 768, 't5_base')])
+def test_xsum_recipes(clean_gin, name, emb_dim, checkpoint):
+  macro = parse(name)
+  assert macro('MIXTURE_OR_TASK_NAME') == 'xsum' and macro('TRAIN_EPOCHS') == 3
+  assert macro('LEARNING_RATE') == 1e-4 and macro('DROPOUT_RATE') == 0.1
+  assert macro('INITIAL_CHECKPOINT_PATH').endswith(f'/t5x/{checkpoint}/checkpoint_1000000')
+  assert gin.query_parameter('network.T5Config.emb_dim') == emb_dim
+  model = gin.get_configurable('t5tpu.models.EncoderDecoderModel')()
+  assert type(model.optimizer_def).__name__ == 'AdamW'
+  assert model.loss_normalizing_factor is None
 
 
 def test_knowledge_example(clean_gin):
