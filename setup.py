@@ -31,6 +31,7 @@ INSTALL_REQUIRES = [
     'tqdm',
     'matplotlib',
     'safetensors',
+    'huggingface_hub==2.4.0',  # hf://org/name checkpoint paths (t5tpu/formats/hub.py)
 ]
 
 EXTRAS = {

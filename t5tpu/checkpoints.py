@@ -145,7 +145,10 @@ class Checkpointer:
       tree = {**tree, 'target': cast_params(tree['target'], self.save_cfg.dtype)}
     items = {'state': ocp.args.StandardSave(tree)}
     items['dataset'] = ocp.args.JsonSave(dataset_state or {})
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._save_failures(self.saved_step):  # a failed asynchronous save surfaces here
+      self.manager.wait_until_finished()
+    with self._save_failures(step):
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self.saved_step = step
     self._prune()
     return True
@@ -162,10 +165,19 @@ class Checkpointer:
       if step != protected:  # (orbax deletes from process 0 itself)
         self.manager.delete(step)
 
+  def _save_failures(self, step: Optional[int]):
+    """A storage failure of a save (disk full, GCS errors after retries, no network, no
+    permission) becomes a UserError naming the checkpoint and the cause."""
+    what = step_dir(self.model_dir, step) if step is not None else self.model_dir
+    return storage.failures_as_user_errors(
+        f'saving {what}', hint='Checkpoints saved before it are intact: fix the cause and run '
+        'the same command again to resume from the latest.')
+
   def wait_for(self, step: int) -> None:
     """Blocks until the checkpoint of `step` is complete (it may be saving asynchronously)."""
     if step == self.saved_step:
-      self.manager.wait_until_finished()
+      with self._save_failures(step):
+        self.manager.wait_until_finished()
 
   def latest_saved(self) -> Optional[int]:
     """The newest checkpoint of MODEL_DIR, this run's own saves included."""
@@ -218,6 +230,12 @@ class Checkpointer:
     return None
 
   def _set_aside(self, path: str, error: Exception) -> str:
+    failure = storage.describe_failure(error)
+    if failure is not None:  # the storage failed (an outage, a full disk), not the checkpoint
+      from t5tpu import errors
+      raise errors.UserError(
+          f'reading {path} failed: {failure}. The checkpoint was left as it is: fix the cause '
+          'and run the same command again.') from error
     aside = f'{path}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
     reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else repr(error)
     log.warning('checkpoint %s is damaged (%s: %s); moving it aside to %s and resuming from '
@@ -228,7 +246,8 @@ class Checkpointer:
     return aside
 
   def close(self):
-    self.manager.wait_until_finished()
+    with self._save_failures(self.saved_step):
+      self.manager.wait_until_finished()
     self._prune()
     self.manager.close()
 

@@ -5,6 +5,7 @@ Formats are told apart by what the path holds:
   <dir>/checkpoint             legacy T5X msgpack (every public gs://t5-data/.../t5x/ model)
   <path>.index                 Mesh-TensorFlow / TF checkpoint (model.ckpt-N)
   <dir>/config.json            Hugging Face T5ForConditionalGeneration
+  hf://<org>/<name>[@<rev>]    the same, by its hub name (formats.hub: cache, else download)
 Each reader returns t5x's state dict {'target': params, 'state': {'step', 'param_states'}}
 (optimizer state only where the checkpoint has it). The parameters are then matched against
 the configured model by name and shape, with one error that lists every mismatch and says
@@ -23,7 +24,7 @@ from flax import traverse_util
 
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import errors, storage
-from t5tpu.formats import CheckpointNotFoundError
+from t5tpu.formats import CheckpointNotFoundError, hub
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ def detect_format(path: str) -> str:
   """'orbax' | 't5x_legacy' | 't5x_legacy_file' | 'mtf' | 'tf_dir' | 'hf', from what `path`
   holds; CheckpointNotFoundError (a FileNotFoundError) when it holds none of them."""
   path = path.rstrip('/')
+  if hub.is_hub(path):
+    hub.resolve(path)  # found in the Hugging Face cache or downloaded; else a clear error
+    return 'hf'
   if storage.exists(storage.join(path, 'state')):
     return 'orbax'
   if storage.exists(storage.join(path, 'checkpoint')) and not storage.exists(

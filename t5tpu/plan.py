@@ -44,13 +44,20 @@ class Topology:
 # HBM per device as the compiler reports it in its out-of-memory errors (libtpu 0.0.42.1);
 # measured by compiling for each topology. A v2/v3 device is one TensorCore (half a chip).
 TOPOLOGIES: Dict[str, Topology] = {t.name: t for t in [
-    Topology('v2-8', 'v2:2x2', 7.48, 'Colab TPU: 4 chips, 8 cores of 8 GiB'),
+    Topology('v5e-1', 'v5e:1x1', 15.75, "Colab's free TPU since 2025: one chip of 16 GiB",
+             (('chips_per_host_bounds', (1, 1, 1)),)),
+    Topology('v6e-1', 'v6e:1x1', 31.25, "Colab's paid-tier TPU: one chip of 32 GiB",
+             (('chips_per_host_bounds', (1, 1, 1)),)),
+    Topology('v2-8', 'v2:2x2', 7.48, "Colab's TPU until 2025: 4 chips, 8 cores of 8 GiB"),
     Topology('v3-8', 'v3:2x2', 15.48, '4 chips, 8 cores of 16 GiB'),
     Topology('v4-8', 'v4:2x2x1', 30.75, '4 chips in megacore mode: 4 devices of 32 GiB '
              '(what jax sees on a v4-8 TPU VM)', (('chip_config_name', 'megacore'),)),
     Topology('v4-8-cores', 'v4:2x2x1', 15.25, '4 chips as 8 separate cores of 16 GiB'),
     Topology('v5e-4', 'v5e:2x2', 15.75, '4 chips of 16 GiB'),
+    Topology('v5e-8', 'v5e:2x4', 15.75, "8 chips of 16 GiB (one host; Kaggle's TPU)"),
     Topology('v5e-16', 'v5e:4x4', 15.75, '16 chips of 16 GiB (4 hosts)'),
+    Topology('v6e-4', 'v6e:2x2', 31.25, '4 chips of 32 GiB'),
+    Topology('v6e-8', 'v6e:2x4', 31.25, '8 chips of 32 GiB (one host)'),
     Topology('v5p-8', 'v5p:2x2x1', 95.74, '4 chips of 95 GiB (v5p-8 counts TensorCores)'),
 ]}
 

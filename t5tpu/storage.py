@@ -19,9 +19,18 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import IO, List, Optional, Tuple
+from typing import IO, List, Optional, Sequence, Tuple
 
 from t5tpu import errors
+
+
+# A GCS request that receives nothing for this long is abandoned and retried. Without a limit
+# a connection that died silently (no reset: a NAT or VM network change) hangs gcsfs forever,
+# and tensorstore too. Both clients retry a timed-out request like a dropped connection.
+STALL_SECONDS = float(os.environ.get('T5TPU_GCS_STALL_SECONDS') or 60)
+# tensorstore reads these once, when it first talks to GCS: set them before that (at import).
+os.environ.setdefault('TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS', str(max(1, int(STALL_SECONDS))))
+os.environ.setdefault('TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES', '1')
 
 
 def is_remote(path: str) -> bool:
@@ -29,11 +38,23 @@ def is_remote(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _gcs_timeout():
+  """gcsfs's per-request timeout, also for the gcsfs instance etils.epath makes for orbax
+  (through fsspec's config). gcsfs passes `requests_timeout` to aiohttp as is: a number would
+  bound whole transfers, so it is a no-progress limit instead (sock_read), and a connect limit."""
+  import aiohttp
+  import fsspec.config
+  timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=STALL_SECONDS)
+  fsspec.config.conf.setdefault('gs', {}).setdefault('requests_timeout', timeout)
+  return timeout
+
+
+@functools.lru_cache(maxsize=None)
 def _gcs():
   import gcsfs  # imported lazily: local runs never pay for it
   # No listing cache: checkpoints are written behind gcsfs's back (tensorstore, other hosts),
   # and a stale listing would hide a new checkpoint or show a deleted one.
-  kwargs = {'use_listings_cache': False}
+  kwargs = {'use_listings_cache': False, 'requests_timeout': _gcs_timeout()}
   endpoint = os.environ.get('STORAGE_EMULATOR_HOST')
   if endpoint:
     kwargs.update(endpoint_url=endpoint, token='anon')
@@ -147,8 +168,8 @@ def remove_tree(path: str) -> None:
 def resolve(path: str) -> str:
   """A path as the user meant it: local paths relative to the current folder become absolute
   (and `~` expands), so they stay right when a library (orbax, tensorstore) or another
-  thread resolves them later; gs:// paths are unchanged."""
-  if not path or is_remote(path):
+  thread resolves them later; gs:// paths and other URLs (hf://org/name) are unchanged."""
+  if not path or is_remote(path) or '://' in str(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
 
@@ -169,6 +190,8 @@ def orbax_path(path: str):
   orbax requires absolute paths: a relative MODEL_DIR is resolved against the current folder.
   """
   from etils import epath
+  if is_remote(path):
+    _gcs_timeout()  # before etils makes its gcsfs instance
   return epath.Path(resolve(path))
 
 
@@ -306,19 +329,22 @@ CREDENTIALS_HELP = (
     'GOOGLE_APPLICATION_CREDENTIALS=/path/to/service-account-key.json.')
 
 
-def check_reachable(*paths: Optional[str], timeout: float = 5.0) -> None:
+def check_reachable(*paths: Optional[str], read_only: Sequence[Optional[str]] = (),
+                    timeout: float = 5.0) -> None:
   """Fails within seconds, saying why, when the gs:// paths among `paths` cannot be used.
 
   Local paths (and None) need nothing. Without this check a run with no network retries for a
   long time before its first error (gcsfs about 30 s per call, tensorstore about 15 minutes).
   - STORAGE_EMULATOR_HOST set (a local GCS server): its endpoint must answer.
-  - Otherwise application-default credentials must exist (looked up first: a missing key file
-    or no ADC fails without touching the network), and storage.googleapis.com must resolve
-    and accept a connection.
-  Then each bucket named must exist and be visible to those credentials. Raises UserError.
+  - Otherwise application-default credentials must exist for `paths` (written to; looked up
+    first: a missing key file or no ADC fails without touching the network), and
+    storage.googleapis.com must resolve and accept a connection. `read_only` paths (an
+    INITIAL_CHECKPOINT_PATH in a public bucket such as gs://t5-data) may be read anonymously.
+  Then each bucket named must exist and be visible. Raises UserError.
   """
-  remote = [str(p) for p in paths if p and is_remote(str(p))]
-  if not remote:
+  writes = [str(p) for p in paths if p and is_remote(str(p))]
+  reads = [str(p) for p in read_only if p and is_remote(str(p))]
+  if not writes and not reads:
     return
   emulator = os.environ.get('STORAGE_EMULATOR_HOST')
   if emulator:
@@ -326,10 +352,18 @@ def check_reachable(*paths: Optional[str], timeout: float = 5.0) -> None:
     what, session = f'the GCS endpoint STORAGE_EMULATOR_HOST={emulator}', None
   else:
     base, what = f'https://{GCS_HOST}', 'Google Cloud Storage'
-    session = _authorized_session(_default_credentials())
+    session = _authorized_session(_default_credentials()) if writes else _session_if_any()
   _check_connects(base, what, timeout)
-  for bucket in sorted({split_gs(p)[0] for p in remote}):
+  for bucket in sorted({split_gs(p)[0] for p in writes + reads}):
     _check_bucket(base, what, bucket, session, timeout)
+
+
+def _session_if_any():
+  """Credentials when there are some; else anonymous reads (public buckets)."""
+  try:
+    return _authorized_session(_default_credentials())
+  except errors.UserError:
+    return None
 
 
 def _default_credentials():
@@ -356,7 +390,7 @@ def _check_connects(base: str, what: str, timeout: float) -> None:
   parsed = urllib.parse.urlsplit(base)
   host = parsed.hostname or ''
   port = parsed.port or (443 if parsed.scheme == 'https' else 80)
-  hint = 'is it running?' if what.startswith('the GCS endpoint') else 'no network?'
+  hint = _unreachable_hint(what)
   result = {}
 
   def resolve():
@@ -369,7 +403,8 @@ def _check_connects(base: str, what: str, timeout: float) -> None:
   thread.start()
   thread.join(timeout)
   if 'addrs' not in result:
-    reason = _first_line(result['error']) if 'error' in result else f'no DNS answer in {timeout:g} s'
+    reason = (_first_line(result['error']) if 'error' in result else
+              f'no DNS answer in {timeout:g} s')
     raise errors.UserError(f'cannot reach {what} ({host}: {reason}): {hint}')
   family, kind, proto, _, address = result['addrs'][0]
   try:
@@ -379,6 +414,10 @@ def _check_connects(base: str, what: str, timeout: float) -> None:
   except OSError as e:
     reason = 'timed out' if isinstance(e, socket.timeout) else _first_line(e)
     raise errors.UserError(f'cannot reach {what} ({host}:{port}: {reason}): {hint}') from None
+
+
+def _unreachable_hint(what: str) -> str:
+  return 'is it running?' if what.startswith('the GCS endpoint') else 'no network?'
 
 
 def _check_bucket(base: str, what: str, bucket: str, session, timeout: float) -> None:
@@ -394,7 +433,7 @@ def _check_bucket(base: str, what: str, bucket: str, session, timeout: float) ->
       raise errors.UserError(f'the Google Cloud credentials could not be used to reach '
                              f'gs://{bucket} ({_first_line(e)}). {CREDENTIALS_HELP}') from None
     raise errors.UserError(f'cannot reach {what} (listing gs://{bucket}: {_first_line(e)}): '
-                           'no network?') from None
+                           f'{_unreachable_hint(what)}') from None
   if status == 404:
     raise errors.UserError(f'bucket gs://{bucket} does not exist: check the path, or create '
                            f'it with `t5tpu gcs init gs://{bucket}`')

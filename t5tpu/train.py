@@ -376,14 +376,17 @@ def train(*,
       run_eval_before_training=run_eval_before_training,
       inference_evaluator_cls=inference_evaluator_cls, skip_nonfinite=on_nonfinite == 'skip',
       early_stopping=copy.deepcopy(early_stopping or early_stopping_lib.EarlyStopping()))
-  storage.check_reachable(run.model_dir, run.restore_cfg.path)  # seconds, not minutes
+  # Seconds, not minutes of retries: MODEL_DIR is written, INITIAL_CHECKPOINT_PATH only read.
+  storage.check_reachable(run.model_dir, read_only=[run.restore_cfg.path])
   partitioner.check_batch_size(train_dataset_cfg.batch_size)
   data_lib.check_task(train_dataset_cfg, model)
   if run.early_stopping.enabled and not (infer_eval_dataset_cfg and eval_period):
     raise errors.UserError(
         f'EARLY_STOPPING_METRIC={run.early_stopping.metric!r} needs the inference evaluation '
         '(infer_eval DatasetConfig, as runs/finetune.gin sets) and an EVAL_PERIOD')
-  with model_dir_lock.ModelDirLock(run.model_dir):
+  # Storage failures outside checkpoints too (events, config.gin): a UserError with the cause.
+  with model_dir_lock.ModelDirLock(run.model_dir), storage.failures_as_user_errors(
+      f'training with MODEL_DIR={run.model_dir}'):
     return _train_locked(run)
 
 

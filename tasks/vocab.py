@@ -10,7 +10,8 @@ gins (gin/models/*/base.gin bind `seqio.SentencePieceVocabulary.sentencepiece_mo
 Change it in gin with either binding (the first one wins):
   tasks.vocab.default_vocabulary.sentencepiece_model_file = 'gs://.../spm.model'
   seqio.SentencePieceVocabulary.sentencepiece_model_file = '...'   # the model gins' binding
-so overriding the model's vocabulary also changes the tasks' one.
+so overriding the model's vocabulary also changes the tasks' one; `extra_ids` likewise. The
+model's binding may be a reference (`@hub.vocab_file()`): the tasks take what it returns.
 
 Tasks are registered when their module is imported, which in a gin file happens in the middle
 of parsing, before later bindings and `--gin.` flags exist. So tasks hold DEFAULT_VOCABULARY, a
@@ -20,6 +21,7 @@ parsed) and from then on is that SentencePieceVocabulary, equal to it in seqio's
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import gin
@@ -28,23 +30,32 @@ import seqio
 DEFAULT_SPM_PATH = 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model'
 DEFAULT_EXTRA_IDS = 0
 
-_MODEL_GIN_BINDING = 'seqio.SentencePieceVocabulary.sentencepiece_model_file'
+_MODEL_GIN_BINDING = 'seqio.SentencePieceVocabulary.'
 
 
-def _model_gin_path() -> Optional[str]:
-  """The model gins' vocabulary path if the parsed gin config binds one."""
+def _model_gin_value(name: str):
+  """The model gins' binding of SentencePieceVocabulary's `name`, if the gin config has one.
+
+  A bound reference (`@hub.vocab_file()`) is called: deepcopy is how gin itself evaluates
+  the references it passes to a configurable.
+  """
   try:
-    return gin.query_parameter(_MODEL_GIN_BINDING)
-  except (ValueError, KeyError):
+    value = gin.query_parameter(_MODEL_GIN_BINDING + name)
+  except (ValueError, KeyError):  # not bound (or seqio not registered with gin)
     return None
+  return copy.deepcopy(value)  # outside the try: a failing reference is the user's error
 
 
 @gin.configurable(module='tasks.vocab')
 def default_vocabulary(sentencepiece_model_file: Optional[str] = None,
-                       extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
+                       extra_ids: Optional[int] = None) -> seqio.SentencePieceVocabulary:
   """The SentencePiece vocabulary of T5 checkpoints (or the one gin names instead)."""
-  path = sentencepiece_model_file or _model_gin_path() or DEFAULT_SPM_PATH
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  path = sentencepiece_model_file or _model_gin_value('sentencepiece_model_file') or \
+      DEFAULT_SPM_PATH
+  if extra_ids is None:
+    extra_ids = _model_gin_value('extra_ids')
+  return seqio.SentencePieceVocabulary(
+      path, extra_ids=DEFAULT_EXTRA_IDS if extra_ids is None else extra_ids)
 
 
 # The constructor state seqio compares and pickles (SentencePieceVocabulary.__getstate__).

@@ -37,7 +37,7 @@ def test_readme_demo_command_from_an_empty_folder(tmp_path):
   rows = [json.loads(l) for l in
           (model_dir / 'inference_eval' / 'knowledge_qa-metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows] == [0, 25, 50, 75, 100, 125, 150]
-  assert rows[-1]['em'] == after
+  assert abs(rows[-1]['em'] - after) < 0.051  # printed with one decimal
   subprocess_env.assert_clean_stderr(out.stderr)
 
   # The continue command the demo prints, with its relative --model_dir: resumes at 150.

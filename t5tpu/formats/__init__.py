@@ -11,6 +11,7 @@ with numpy leaves and `param_states` only where the checkpoint has an optimizer 
   t5x_orbax    checkpoint_N/state, what t5x's train() and t5tpu write today
   mtf          Mesh-TensorFlow model.ckpt-N (gs://t5-data/pretrained_models/{small,...,11B})
   hf           transformers T5ForConditionalGeneration (config.json + safetensors / .bin)
+  hub          hf://org/name[@revision]: a hub name, from the Hugging Face cache or downloaded
   convert      the `t5tpu convert` command
 
 Format detection lives in t5tpu.initial_checkpoint.detect_format.

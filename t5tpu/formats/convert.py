@@ -7,10 +7,11 @@
   t5tpu convert --from=/export/flan-t5-base --to=/ckpts/flan --to_format=t5x_legacy
 
 --from is anything INITIAL_CHECKPOINT_PATH accepts (T5X checkpoint_N dir or msgpack file,
-orbax checkpoint_N, MTF model.ckpt-N or its directory, HF model dir), or a MODEL_DIR, whose
-latest checkpoint is taken. The model's shape comes from the HF config.json, else from
---model_gin (a gin file or a name such as t5_1_1/base), else from the parameter shapes
-(gated FFN => T5 1.1's gated GELU, else ReLU; relative attention max distance 128).
+orbax checkpoint_N, MTF model.ckpt-N or its directory, HF model dir, hub name such as
+hf://google/flan-t5-base), or a MODEL_DIR, whose latest checkpoint is taken. The model's
+shape comes from the HF config.json, else from --model_gin (a gin file or a name such as
+t5_1_1/base), else from the parameter shapes (gated FFN => T5 1.1's gated GELU, else ReLU;
+relative attention max distance 128).
 
 For --to_format=hf, --vocab (the run's SentencePiece model; --vocab_extra_ids as in its
 seqio.SentencePieceVocabulary) also writes the T5Tokenizer files, so the export serves text.
@@ -194,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
       prog='t5tpu convert', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   p.add_argument('--from', dest='source', required=True,
-                 help='checkpoint or MODEL_DIR (local or gs://)')
+                 help='checkpoint or MODEL_DIR (local or gs://), or a Hugging Face '
+                      'hub name (hf://google/flan-t5-base[@revision])')
   p.add_argument('--to', required=True, help='output directory (local or gs://)')
   p.add_argument('--to_format', required=True, choices=FORMATS)
   p.add_argument('--model_gin', default=None,

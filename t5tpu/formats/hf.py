@@ -200,14 +200,20 @@ def config_to_hf(cfg: network.T5Config, dtype: str = 'float32') -> dict:
 
 # ----------------------------------------------------------------------------- tensors
 
-def _local_dir(path: str) -> str:
-  """A local directory with the model files (gs:// is copied down once, to a cache)."""
+def local_dir(path: str) -> str:
+  """A local directory with the model files: a hub name's snapshot in the Hugging Face cache
+  (formats.hub), gs:// copied down once to a cache, a local path as it is."""
+  from t5tpu.formats import hub
+  if hub.is_hub(path):
+    return hub.resolve(path)
   cache = os.environ.get('T5TPU_CACHE_DIR',
                          os.path.join(tempfile.gettempdir(), 't5tpu-cache'))
   return storage.local_copy_dir(path.rstrip('/'), os.path.join(cache, 'hf'))
 
 
-def _weight_files(directory: str) -> list[str]:
+def weight_files(directory: str) -> list[str]:
+  """The weight files of a local HF model directory (the shards an index names, else the one
+  file); CheckpointNotFoundError when it has none."""
   for index_name, single in (('model.safetensors.index.json', SAFETENSORS_NAME),
                              ('pytorch_model.bin.index.json', 'pytorch_model.bin')):
     index = os.path.join(directory, index_name)
@@ -297,11 +303,26 @@ def read_hf_config(directory: str, where: Optional[str] = None) -> dict:
   return hf_config
 
 
-def _read(path: str, dtype: str = 'bfloat16'):
-  directory = _local_dir(path)
-  where = storage.join(path.rstrip('/'), CONFIG_NAME)  # the path given, not the gs:// cache
+def read_config_json(path: str, dtype: str = 'bfloat16') -> network.T5Config:
+  """The T5Config the config.json of the HF model `path` describes, without reading weights.
+
+  Its output layer follows config.json (tie_word_embeddings / scale_decoder_outputs); only a
+  T5 1.0 file with a separate lm_head differs in the weights (see `read_config`).
+  """
+  return _config_json(path, dtype)[0]
+
+
+def _config_json(path: str, dtype: str):
+  """(T5Config, scale_logits, local directory) of the HF model `path`."""
+  directory = local_dir(path)
+  where = storage.join(path.rstrip('/'), CONFIG_NAME)  # the path given, not a cache
   cfg, scale = config_from_hf(read_hf_config(directory, where), dtype, where)
-  tensors = _load_tensors(_weight_files(directory))
+  return cfg, scale, directory
+
+
+def _read(path: str, dtype: str = 'bfloat16'):
+  cfg, scale, directory = _config_json(path, dtype)
+  tensors = _load_tensors(weight_files(directory))
   lm_head = tensors.pop('lm_head.weight', None)
   shared = tensors.get('shared.weight')
   tied = lm_head is None or (shared is not None and lm_head.shape == shared.shape and

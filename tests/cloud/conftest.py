@@ -32,3 +32,25 @@ def fake_gcs(gcs_server_process, monkeypatch):
   server.env = env
   yield server
   storage.reset_clients()
+
+
+@pytest.fixture
+def gcs_faults(gcs_server_process, monkeypatch):
+  """A fault-injecting proxy in front of the server, with every client pointed at the proxy.
+
+  Yields the FaultProxy (tests/cloud/fault_proxy.py); `proxy.bucket` is a new bucket (made
+  on the server directly, past any rules) and `proxy.env` the environment for subprocesses.
+  """
+  from t5tpu import storage
+  from tests.cloud import fault_proxy
+  server = gcs_server_process
+  proxy = fault_proxy.FaultProxy(server.url)
+  env = proxy.client_env(server.client_env())
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  storage.reset_clients()
+  proxy.bucket = server.create_bucket(f't5tpu-test-{next(_names)}')
+  proxy.env = env
+  yield proxy
+  storage.reset_clients()
+  proxy.stop()

@@ -140,9 +140,29 @@ def test_cli_from_gin(tmp_path):
   assert 'batch 4: FITS' in text and 'of 15.75 GiB HBM' in text
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('topology, hbm', [('v5e-1', '15.75'), ('v6e-1', '31.25')])
+def test_colab_single_chip_tpus(tmp_path, topology, hbm):
+  """Today's Colab TPUs are one chip: no model parallelism, the whole batch on one device."""
+  import gin
+  gin_file = tmp_path / 'run.gin'
+  gin_file.write_text("include 'models/t5_1_1/tiny.gin'\ninclude 'runs/finetune.gin'\n"
+                      'network.T5Config.vocab_size = 264\n')
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      plan.main([f'--gin_file={gin_file}', f'--topology={topology}',
+                 "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}", '--gin.BATCH_SIZE=4'])
+  finally:
+    gin.clear_config()
+  text = out.getvalue()
+  assert "mesh {'data': 1, 'model': 1}" in text
+  assert 'batch 4: FITS' in text and f'of {hbm} GiB HBM' in text
+
+
 def test_topologies_build():
   counts = {name: len(plan.topology_devices(name)) for name in plan.TOPOLOGIES}
-  assert counts == {'v2-8': 8, 'v3-8': 8, 'v4-8': 4, 'v4-8-cores': 8, 'v5e-4': 4,
-                    'v5e-16': 16, 'v5p-8': 4}
+  assert counts == {'v5e-1': 1, 'v6e-1': 1, 'v2-8': 8, 'v3-8': 8, 'v4-8': 4, 'v4-8-cores': 8,
+                    'v5e-4': 4, 'v5e-8': 8, 'v5e-16': 16, 'v6e-4': 4, 'v6e-8': 8, 'v5p-8': 4}
   with pytest.raises(ValueError, match='unknown topology'):
     plan.topology_devices('v9-8')

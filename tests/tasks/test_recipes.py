@@ -61,7 +61,15 @@ def mock_xsum(data_dir, n: int):
                                 policy=tfds.testing.MockPolicy.USE_FILES)
 
 
-def test_xsum_recipe_on_mock_data(tmp_path, clean_gin):
+@pytest.fixture
+def forget_tfds_builders():
+  """seqio memoizes TFDS builders, mocked split sizes included: later tests must not see them."""
+  import seqio
+  yield
+  seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
+
+
+def test_xsum_recipe_on_mock_data(tmp_path, clean_gin, forget_tfds_builders):
   model_dir = tmp_path / 'xsum'
   spm = seqio_test_spm()
   with mock_xsum(tmp_path / 'tfds', 16):
