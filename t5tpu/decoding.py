@@ -225,12 +225,12 @@ def predict(model, params, batch: Mapping[str, Any], rng=None, *,
   return (seqs, scores) if return_scores else seqs
 
 
-def make_predict_fn(model, trainer, replicate_outputs: bool = False,
+def make_predict_fn(model, layout, replicate_outputs: bool = False,
                     **decode_kwargs) -> Callable:
   """A jitted `fn(params, batch, rng) -> (tokens, scores)`, partitioned like training.
 
-  Compiled once per batch shape; params keep the training layout, the batch is split over
-  the mesh's data axis. `replicate_outputs` gives every host all the outputs (evaluation).
+  Compiled once per batch shape; params keep their layout (a layout.ParamLayout of the
+  whole model), the batch is split over the mesh's data axis. `replicate_outputs` gives every host all the outputs (evaluation).
   """
   from jax.sharding import PartitionSpec
 
@@ -243,10 +243,10 @@ def make_predict_fn(model, trainer, replicate_outputs: bool = False,
     key = tuple(sorted((k, v.shape) for k, v in batch.items()))
     if key not in cache:
       cache[key] = jax.jit(
-          fn, in_shardings=(trainer.layout.shardings.params, trainer.batch_shardings(batch),
-                            trainer.partitioner.sharding(PartitionSpec())),
-          out_shardings=trainer.partitioner.sharding(
+          fn, in_shardings=(layout.shardings, layout.batch_shardings(batch),
+                            layout.partitioner.sharding(PartitionSpec())),
+          out_shardings=layout.partitioner.sharding(
               PartitionSpec() if replicate_outputs else PartitionSpec('data')))
-    with trainer.partitioner.context():
+    with layout.partitioner.context():
       return cache[key](params, batch, rng)
   return call

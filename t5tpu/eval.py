@@ -24,7 +24,7 @@ from t5tpu import initial_checkpoint
 from t5tpu import models
 from t5tpu import partitioning
 from t5tpu import storage
-from t5tpu import trainer as trainer_lib
+from t5tpu.delta import base as delta_base
 
 log = logging.getLogger('t5tpu.eval')
 
@@ -75,21 +75,21 @@ def evaluate(*,
   data_lib.import_task_module(dataset_cfg.module)
   task = data_lib.get_task(dataset_cfg.mixture_or_task_name)
   task_names = [t.name for t in task.tasks] if isinstance(task, seqio.Mixture) else [task.name]
-  batch = dataset_cfg.batch_size
-  partitioner.check_batch_size(batch)
-  shapes = {'encoder_input_tokens': (batch, 8), 'decoder_input_tokens': (batch, 8)}
-  trainer = trainer_lib.Trainer(model, partitioner, lambda _: 0.0, None, shapes)
-  evaluator = evaluation.InferenceEvaluator(model, trainer, dataset_cfg, output_dir,
-                                            num_examples=num_examples,
-                                            decode_kwargs=decode_kwargs)
+  partitioner.check_batch_size(dataset_cfg.batch_size)
   todo = checkpoints_to_evaluate(restore_checkpoint_cfg.path, restore_checkpoint_cfg.mode)
   done = _done_steps(output_dir, task_names) if skip_evaluated else set()
-  results = {}
+  results, evaluator = {}, None
   for step, path in todo:
     if step in done and restore_checkpoint_cfg.mode == 'all':
       log.info('checkpoint_%d already evaluated; skipping', step)
       continue
-    params = initial_checkpoint.load_params(path, trainer, restore_checkpoint_cfg)
+    # A delta checkpoint: the recorded base plus the delta (checked to belong together).
+    eval_model, layout, params = delta_base.load_for_inference(
+        path, model, partitioner, restore_checkpoint_cfg)
+    if evaluator is None:
+      evaluator = evaluation.InferenceEvaluator(eval_model, layout, dataset_cfg, output_dir,
+                                                num_examples=num_examples,
+                                                decode_kwargs=decode_kwargs)
     results[step] = evaluator.evaluate(params, step)
     del params
   if distributed.is_primary() and results:

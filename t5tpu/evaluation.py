@@ -183,14 +183,15 @@ class InferenceEvaluator:
   `<task>-metrics.jsonl`, one row per evaluated step).
   """
 
-  def __init__(self, model, trainer, dataset_cfg: data_lib.DatasetConfig, log_dir: str,
+  def __init__(self, model, layout, dataset_cfg: data_lib.DatasetConfig, log_dir: str,
                num_examples: Optional[int] = None, decode_kwargs: Optional[dict] = None,
                use_memory_cache: bool = True):
+    """`layout`: the layout.ParamLayout of the whole model's parameters."""
     import seqio
     data_lib.import_task_module(dataset_cfg.module)
-    self.model, self.trainer, self.cfg = model, trainer, dataset_cfg
+    self.model, self.layout, self.cfg = model, layout, dataset_cfg
     self.batch_size = dataset_cfg.batch_size
-    trainer.partitioner.check_batch_size(self.batch_size)
+    layout.partitioner.check_batch_size(self.batch_size)
     self.output_dir = storage.join(log_dir, 'inference_eval')
     self.evaluator = seqio.Evaluator(
         mixture_or_task_name=dataset_cfg.mixture_or_task_name,
@@ -200,14 +201,14 @@ class InferenceEvaluator:
         num_examples=num_examples, shuffle=False,
         logger_cls=[_make_jsonl_logger_cls(), _make_tensorboard_logger_cls()],
         log_dir=self.output_dir, use_memory_cache=use_memory_cache)
-    self._predict = decoding_fn(model, trainer, decode_kwargs or {})
+    self._predict = decoding_fn(model, layout, decode_kwargs or {})
     self._score = None
 
   def _predict_fn(self, params):
     def predict_fn(ds, *unused):
       results, shardings = [], None
       for indices, batch, n in iterate_padded_batches(ds, self.batch_size):
-        shardings = shardings or self.trainer.batch_shardings(batch)
+        shardings = shardings or self.layout.batch_shardings(batch)
         tokens, _ = self._predict(params, global_batch_from_host(batch, shardings),
                                   jax.random.PRNGKey(0))
         tokens = jax.device_get(tokens)
@@ -221,12 +222,12 @@ class InferenceEvaluator:
     def score_fn(ds, *unused):
       results, shardings = [], None
       for indices, batch, n in iterate_padded_batches(ds, self.batch_size):
-        shardings = shardings or self.trainer.batch_shardings(batch)
+        shardings = shardings or self.layout.batch_shardings(batch)
         if self._score is None:
           self._score = jax.jit(self.model.score_batch,
-                                in_shardings=(self.trainer.layout.shardings.params, shardings),
-                                out_shardings=self.trainer.partitioner.sharding(PartitionSpec()))
-        with self.trainer.partitioner.context():
+                                in_shardings=(self.layout.shardings, shardings),
+                                out_shardings=self.layout.partitioner.sharding(PartitionSpec()))
+        with self.layout.partitioner.context():
           scores = self._score(params, global_batch_from_host(batch, shardings))
         results.extend(zip(indices, jax.device_get(scores)[:n].tolist()))
       return results
@@ -245,6 +246,6 @@ class InferenceEvaluator:
     return results
 
 
-def decoding_fn(model, trainer, decode_kwargs: dict):
+def decoding_fn(model, layout, decode_kwargs: dict):
   from t5tpu import decoding
-  return decoding.make_predict_fn(model, trainer, replicate_outputs=True, **decode_kwargs)
+  return decoding.make_predict_fn(model, layout, replicate_outputs=True, **decode_kwargs)

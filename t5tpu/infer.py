@@ -25,11 +25,10 @@ from t5tpu import distributed
 from t5tpu import errors
 from t5tpu import eval as eval_lib
 from t5tpu import evaluation
-from t5tpu import initial_checkpoint
 from t5tpu import models
 from t5tpu import partitioning
 from t5tpu import storage
-from t5tpu import trainer as trainer_lib
+from t5tpu.delta import base as delta_base
 
 log = logging.getLogger('t5tpu.infer')
 EOS_ID = 1
@@ -141,16 +140,15 @@ def infer(*,
     raise ValueError('set MAX_DECODE_LENGTH (or TASK_FEATURE_LENGTHS with a targets length)')
   max_input_length = max_input_length or lengths.get('inputs')
   partitioner.check_batch_size(batch_size)
-  shapes = {'encoder_input_tokens': (batch_size, 8), 'decoder_input_tokens': (batch_size, 8)}
-  trainer = trainer_lib.Trainer(model, partitioner, lambda _: 0.0, None, shapes)
 
   if restore_checkpoint_cfg.mode == 'all':
     raise errors.UserError("infer reads one checkpoint: RestoreCheckpointConfig.mode 'all' is "
                            "for t5tpu eval; use 'specific', 'latest' or 'best'")
   path = eval_lib.checkpoints_to_evaluate(restore_checkpoint_cfg.path,
                                           restore_checkpoint_cfg.mode)[-1][1]
-  params = initial_checkpoint.load_params(path, trainer, restore_checkpoint_cfg)
-  predict = evaluation.decoding_fn(model, trainer, decode_kwargs or {})
+  model, layout, params = delta_base.load_for_inference(path, model, partitioner,
+                                                        restore_checkpoint_cfg)
+  predict = evaluation.decoding_fn(model, layout, decode_kwargs or {})
   score_fn = None
 
   examples = read_file_examples(input_file, input_field, target_field) if input_file \
@@ -168,14 +166,14 @@ def infer(*,
       batch = _pad_rows(encode_batch(group, vocab, max_input_length, decode_length),
                         batch_size)
       key = tuple(sorted((k, v.shape) for k, v in batch.items()))
-      shardings.setdefault(key, trainer.batch_shardings(batch))
+      shardings.setdefault(key, layout.batch_shardings(batch))
       gbatch = evaluation.global_batch_from_host(batch, shardings[key])
       tokens, pred_scores = jax.device_get(predict(params, gbatch, jax.random.PRNGKey(0)))
       target_scores = None
       if score and 'decoder_target_tokens' in batch:
         if score_fn is None:
           score_fn = jax.jit(model.score_batch)
-        with trainer.partitioner.context():
+        with layout.partitioner.context():
           target_scores = jax.device_get(score_fn(params, gbatch))
       for i, ex in enumerate(group):
         row = {'input': ex['input'], 'prediction': _decode_text(model.output_vocabulary,

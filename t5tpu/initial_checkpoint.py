@@ -240,17 +240,18 @@ def _strip(flat: dict, prefix: str) -> dict:
   return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
-def _match_params(state_dict: dict, trainer, restore_cfg, path: str, with_optimizer: bool):
+def _match_params(state_dict: dict, abstract_params, restore_cfg, path: str,
+                  abstract_param_states=None, init_params=None):
   """Model parameters (numpy, nested) from a state dict, after the assignment map and the
   compatibility check; also the assigned values by full name (optimizer slots included when
-  `with_optimizer`)."""
-  layout = trainer.layout
-  abstract_flat = _flat(layout.abstract.params)
+  `abstract_param_states`, the optimizer's, is given). Parameters left fresh (assignment map
+  None, fallback_to_scratch) take their values from `init_params()`."""
+  abstract_flat = _flat(abstract_params)
   model_shape_flat = {k: tuple(v.shape) for k, v in abstract_flat.items()}
   model_names = [TARGET + n for n in abstract_flat]
+  with_optimizer = abstract_param_states is not None
   if with_optimizer:
-    abstract_opt = _flat(layout.abstract.state_dict(trainer.optimizer_def)['state']
-                         ['param_states'])
+    abstract_opt = _flat(abstract_param_states)
     model_names += [PARAM_STATES + n for n, a in abstract_opt.items() if hasattr(a, 'shape')]
   ckpt_full = _flat(state_dict)
   if not with_optimizer:
@@ -269,10 +270,12 @@ def _match_params(state_dict: dict, trainer, restore_cfg, path: str, with_optimi
   restore_dtype = jnp.dtype(restore_cfg.dtype) if restore_cfg.dtype else None
   if fresh:
     log.info('%d parameter(s) keep their initial values: %s', len(fresh), fresh[:10])
-    init_params = _flat(jax.device_get(trainer.init_state(jax.random.PRNGKey(0)).params))
+    if init_params is None:
+      raise CheckpointMismatchError(f'{path}: {fresh[:10]} would need initial values here')
+    initial = _flat(jax.device_get(init_params()))
   flat = {}
   for name, a in abstract_flat.items():
-    value = ckpt_params[name] if name in ckpt_params else init_params[name]
+    value = ckpt_params[name] if name in ckpt_params else initial[name]
     flat[name] = _as(value, restore_dtype or a.dtype)
   return traverse_util.unflatten_dict(flat, sep='/'), values
 
@@ -288,7 +291,10 @@ def state_from_state_dict(state_dict: dict, trainer, restore_cfg=None, path: str
   """
   restore_cfg = restore_cfg or ckpt_lib.RestoreCheckpointConfig()
   layout = trainer.layout
-  params, values = _match_params(state_dict, trainer, restore_cfg, path, with_optimizer=True)
+  abstract_states = layout.abstract.state_dict(trainer.optimizer_def)['state']['param_states']
+  params, values = _match_params(
+      state_dict, layout.abstract.params, restore_cfg, path, abstract_states,
+      init_params=lambda: trainer.init_state(jax.random.PRNGKey(0)).params)
   step = int(np.asarray(state_dict.get('state', {}).get('step', 0)))
   state = trainer.state_from_params(params, step=step)
 
@@ -330,16 +336,15 @@ def load(path: str, trainer, restore_cfg=None):
   return jax.tree.map(lambda x: x.copy(), state)
 
 
-def load_params(path: str, trainer, restore_cfg=None):
-  """Only the parameters of a checkpoint (any format), placed in the trainer's layout.
+def load_params(path: str, layout, restore_cfg=None, init_params=None):
+  """Only the parameters of a checkpoint (any format), placed in `layout` (a ParamLayout).
 
-  For evaluation and inference: the optimizer state is never read or allocated. Orbax
-  checkpoints are restored straight into their shards.
+  For evaluation, inference and a delta run's base: the optimizer state is never read or
+  allocated. Orbax checkpoints are restored straight into their shards. `init_params()`
+  gives the values of parameters the restore config leaves fresh.
   """
   restore_cfg = restore_cfg or ckpt_lib.RestoreCheckpointConfig()
-  layout = trainer.layout
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          layout.abstract.params, layout.shardings.params)
+  abstract = layout.abstract_with_shardings()
   if detect_format(path) == 'orbax' and not restore_cfg.assignment_map:
     from t5tpu.formats import t5x_orbax
     t5x_orbax.check_metadata(path)  # else orbax's bare JSONDecodeError
@@ -348,9 +353,9 @@ def load_params(path: str, trainer, restore_cfg=None):
       return ckpt_lib.cast_params(params, restore_cfg.dtype)
     except (ValueError, KeyError, OSError) as e:  # a mismatch, or damage: explained below
       log.info('direct restore failed (%s); checking names and shapes', e)
-  params, _ = _match_params(read_state_dict(path), trainer, restore_cfg, path,
-                           with_optimizer=False)
-  return jax.device_put(params, layout.shardings.params)
+  params, _ = _match_params(read_state_dict(path), layout.abstract, restore_cfg, path,
+                            init_params=init_params)
+  return jax.device_put(params, layout.shardings)
 
 
 def checkpoint_step(path: str) -> int:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from t5tpu.delta import modules as delta_modules
+
 Array = jax.Array
 NEG_INF = -1e10  # additive mask value, as t5x (large but finite: no NaN for all-masked rows)
 
@@ -46,6 +48,9 @@ class T5Config:
   # 'none' keeps every activation; 'full' recomputes each layer in the backward pass;
   # 'dots' saves only matmul outputs (a middle ground for long sequences / big models).
   remat_policy: str = 'none'
+  # Delta tuning (t5tpu.delta.DeltaConfig, set by gin/delta/*.gin): extra parameters at the
+  # hooks below; None is the plain T5.
+  delta: Optional[object] = None
 
   @property
   def activation_dtype(self):
@@ -133,19 +138,24 @@ class RMSNorm(nn.Module):
 
 
 class Dense(nn.Module):
-  """A bias-free projection with a 2-D kernel [in, out] and logical axes."""
+  """A bias-free projection with a 2-D kernel [in, out] and logical axes (plus the LoRA
+  branch or BitFit bias a delta config gives it)."""
   features: int
   kernel_axes: tuple
   dtype: jnp.dtype
   kernel_init: Callable = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
   output_dtype: Optional[jnp.dtype] = None  # e.g. float32 logits from bf16 activations
+  delta: Optional[object] = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
     kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                     self.kernel_axes)
-    return jnp.einsum('...i,io->...o', x, kernel.astype(self.dtype),
-                      preferred_element_type=self.output_dtype)
+    y = jnp.einsum('...i,io->...o', x, kernel.astype(self.dtype),
+                   preferred_element_type=self.output_dtype)
+    if self.delta is not None:
+      y = delta_modules.dense_deltas(self, self.delta, x, y, self.kernel_axes, deterministic)
+    return y
 
 
 class RelativePositionBiases(nn.Module):
@@ -179,6 +189,7 @@ class MultiHeadAttention(nn.Module):
   dtype: jnp.dtype
   dropout_rate: float = 0.0
   float32_logits: bool = True
+  delta: Optional[object] = None
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, bias, *, deterministic: bool,
@@ -187,12 +198,14 @@ class MultiHeadAttention(nn.Module):
     kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
     query_init = lambda *a: kernel_init(*a) / np.sqrt(self.head_dim).astype(np.float32)
     proj = functools.partial(Dense, features=inner, kernel_axes=('embed', 'joined_kv'),
-                             dtype=self.dtype)
+                             dtype=self.dtype, delta=self.delta)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
 
-    query = split(proj(kernel_init=query_init, name='query')(inputs_q))
-    key_proj = proj(kernel_init=kernel_init, name='key')
-    value_proj = proj(kernel_init=kernel_init, name='value')
+    query = split(proj(kernel_init=query_init, name='query')(inputs_q, deterministic))
+    key_proj = functools.partial(proj(kernel_init=kernel_init, name='key'),
+                                 deterministic=deterministic)
+    value_proj = functools.partial(proj(kernel_init=kernel_init, name='value'),
+                                   deterministic=deterministic)
 
     if decode and cross:
       # Keys/values of the encoder output: computed on the cache-creating call, reused after.
@@ -218,6 +231,8 @@ class MultiHeadAttention(nn.Module):
         key, value = cached_key.value, cached_value.value
     else:
       key, value = split(key_proj(inputs_kv)), split(value_proj(inputs_kv))
+    key, value, bias = delta_modules.add_prefix(self.delta, key, value, bias, self.num_heads,
+                                                self.head_dim)
 
     query = _constrain(query, ('batch', 'length', 'heads', 'kv'))
     key = _constrain(key, ('batch', 'length', 'heads', 'kv'))
@@ -233,7 +248,8 @@ class MultiHeadAttention(nn.Module):
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
     out = out.reshape(out.shape[:-2] + (inner,))
     return Dense(features=inputs_q.shape[-1], kernel_axes=('joined_kv', 'embed'),
-                 dtype=self.dtype, kernel_init=kernel_init, name='out')(out)
+                 dtype=self.dtype, kernel_init=kernel_init, delta=self.delta,
+                 name='out')(out, deterministic)
 
 
 class MlpBlock(nn.Module):
@@ -242,6 +258,7 @@ class MlpBlock(nn.Module):
   activations: Sequence[str]
   dtype: jnp.dtype
   dropout_rate: float = 0.0
+  delta: Optional[object] = None
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -249,13 +266,14 @@ class MlpBlock(nn.Module):
     hidden = None
     for i, act in enumerate(self.activations):
       name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
-      h = _ACTIVATIONS[act](Dense(self.mlp_dim, ('embed', 'mlp'), self.dtype,
-                                  kernel_init, name=name)(x))
+      h = _ACTIVATIONS[act](Dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, kernel_init,
+                                  delta=self.delta, name=name)(x, deterministic))
       hidden = h if hidden is None else hidden * h
     hidden = _constrain(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         hidden, deterministic=deterministic)
-    return Dense(x.shape[-1], ('mlp', 'embed'), self.dtype, kernel_init, name='wo')(hidden)
+    return Dense(x.shape[-1], ('mlp', 'embed'), self.dtype, kernel_init, delta=self.delta,
+                 name='wo')(hidden, deterministic)
 
 
 def _residual_dropout(cfg: T5Config):
@@ -265,12 +283,20 @@ def _residual_dropout(cfg: T5Config):
 
 def _attention(cfg: T5Config, name: str):
   return MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
-                            cfg.dropout_rate, cfg.float32_attention_logits, name=name)
+                            cfg.dropout_rate, cfg.float32_attention_logits, cfg.delta,
+                            name=name)
 
 
 def _mlp(cfg: T5Config):
   return MlpBlock(cfg.mlp_dim, tuple(cfg.mlp_activations), cfg.activation_dtype,
-                  cfg.dropout_rate, name='mlp')
+                  cfg.dropout_rate, cfg.delta, name='mlp')
+
+
+def _sublayer(cfg: T5Config, x, norm_name: str, adapter_name: str, fn, deterministic: bool):
+  """T5's pre-norm residual block: x + dropout(adapter(fn(norm(x))))."""
+  y = RMSNorm(cfg.activation_dtype, name=norm_name)(x)
+  y = delta_modules.adapt(cfg.delta, adapter_name, fn(y), cfg.activation_dtype)
+  return x + _residual_dropout(cfg)(y, deterministic=deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -279,13 +305,11 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, bias, deterministic: bool):
     cfg = self.config
-    dt = cfg.activation_dtype
-    y = RMSNorm(dt, name='pre_attention_layer_norm')(x)
-    y = _attention(cfg, 'attention')(y, y, bias, deterministic=deterministic)
-    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
-    y = RMSNorm(dt, name='pre_mlp_layer_norm')(x)
-    y = _mlp(cfg)(y, deterministic=deterministic)
-    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
+    attention = _attention(cfg, 'attention')
+    x = _sublayer(cfg, x, 'pre_attention_layer_norm', 'attention',
+                  lambda y: attention(y, y, bias, deterministic=deterministic), deterministic)
+    x = _sublayer(cfg, x, 'pre_mlp_layer_norm', 'mlp',
+                  lambda y: _mlp(cfg)(y, deterministic=deterministic), deterministic)
     return _constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -296,18 +320,17 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, encoded, self_bias, cross_bias, deterministic: bool,
                decode: bool = False, decode_position=None):
     cfg = self.config
-    dt = cfg.activation_dtype
-    y = RMSNorm(dt, name='pre_self_attention_layer_norm')(x)
-    y = _attention(cfg, 'self_attention')(y, y, self_bias, deterministic=deterministic,
-                                          decode=decode, decode_position=decode_position)
-    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
-    y = RMSNorm(dt, name='pre_cross_attention_layer_norm')(x)
-    y = _attention(cfg, 'encoder_decoder_attention')(
-        y, encoded, cross_bias, deterministic=deterministic, decode=decode, cross=True)
-    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
-    y = RMSNorm(dt, name='pre_mlp_layer_norm')(x)
-    y = _mlp(cfg)(y, deterministic=deterministic)
-    x = x + _residual_dropout(cfg)(y, deterministic=deterministic)
+    self_attention = _attention(cfg, 'self_attention')
+    cross_attention = _attention(cfg, 'encoder_decoder_attention')
+    x = _sublayer(cfg, x, 'pre_self_attention_layer_norm', 'self_attention',
+                  lambda y: self_attention(y, y, self_bias, deterministic=deterministic,
+                                           decode=decode, decode_position=decode_position),
+                  deterministic)
+    x = _sublayer(cfg, x, 'pre_cross_attention_layer_norm', 'cross_attention',
+                  lambda y: cross_attention(y, encoded, cross_bias, deterministic=deterministic,
+                                            decode=decode, cross=True), deterministic)
+    x = _sublayer(cfg, x, 'pre_mlp_layer_norm', 'mlp',
+                  lambda y: _mlp(cfg)(y, deterministic=deterministic), deterministic)
     return _constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -351,14 +374,17 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, segment_ids=None, deterministic: bool = True):
     cfg = self.config
-    valid = tokens > 0
+    x = self.shared_embedding(tokens)
+    if delta_modules.prompt_length(cfg.delta):
+      # Soft prompt tokens go first; relative positions then count them like any token.
+      x = delta_modules.SoftPrompt(cfg.delta.prompt, name='prompt')(x, segment_ids)
+    valid = delta_modules.encoder_valid(cfg.delta, tokens)
     mask = attention_mask(valid, valid, segment_ids, segment_ids)
     bias = RelativePositionBiases(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
         cfg.num_heads, jnp.float32, name='relpos_bias')(
-            tokens.shape[-1], tokens.shape[-1], bidirectional=True)
+            valid.shape[-1], valid.shape[-1], bidirectional=True)
     bias = bias + _mask_to_bias(mask)
-    x = self.shared_embedding(tokens)
     x = _residual_dropout(cfg)(x, deterministic=deterministic)
     x = _constrain(x, ('batch', 'length', 'embed'))
     layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(3,))
@@ -381,7 +407,7 @@ class Decoder(nn.Module):
     relpos = RelativePositionBiases(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
         cfg.num_heads, jnp.float32, name='relpos_bias')
-    enc_valid = encoder_tokens > 0
+    enc_valid = delta_modules.encoder_valid(cfg.delta, encoder_tokens)
     decode_position = None
     if decode:
       # The stack keeps the position of the next token; layers write their caches there.

@@ -167,7 +167,8 @@ def compile_train_step(trainer, batch_size: int, lengths, topology: str, hbm: in
   layout = trainer.layout
   plan = Plan(topology=topology, batch_size=batch_size, mesh=dict(part.mesh.shape), hbm=hbm,
               fits=False,
-              params=_shard_bytes(layout.abstract.params, layout.shardings.params),
+              params=_shard_bytes(layout.abstract.params, layout.shardings.params) +
+              _shard_bytes(trainer.frozen_layout.abstract, trainer.frozen_layout.shardings),
               opt_state=_shard_bytes(layout.abstract.opt_state, layout.shardings.opt_state))
   spec = batch_features(batch_size, lengths, pack)
   shardings = trainer.batch_shardings(spec)
@@ -178,7 +179,8 @@ def compile_train_step(trainer, batch_size: int, lengths, topology: str, hbm: in
   t0 = time.perf_counter()
   try:
     with part.context():
-      compiled = step.lower(layout.abstract_with_shardings(), batch, rng).compile()
+      compiled = step.lower(layout.abstract_with_shardings(),
+                            trainer.frozen_layout.abstract_with_shardings(), batch, rng).compile()
   except Exception as e:  # the compiler's verdict on HBM comes as an exception
     text = str(e)
     if 'RESOURCE_EXHAUSTED' not in text and 'Ran out of memory' not in text:
@@ -423,8 +425,7 @@ def table_rows(models: Sequence[str], topologies: Sequence[str], lengths, start:
                               flush=True))
       best, fail = search.best, search.smallest_failure
       probe = best or search.tried[0]
-      n_params = sum(math.prod(a.shape)
-                     for a in jax.tree.leaves(setup.trainer.layout.abstract.params))
+      n_params = setup.trainer.params_layout.num_values()
       row = dict(model=name, params=n_params, topology=topo, model_parallel=mp, remat=remat,
                  state=probe.params + probe.opt_state,
                  max_batch=best.batch_size if best else 0,

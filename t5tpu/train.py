@@ -20,6 +20,7 @@ import numpy as np
 
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
+from t5tpu import delta as delta_lib
 from t5tpu import distributed
 from t5tpu import early_stopping as early_stopping_lib
 from t5tpu import errors
@@ -30,6 +31,7 @@ from t5tpu import partitioning
 from t5tpu import storage
 from t5tpu import summaries
 from t5tpu import trainer as trainer_lib
+from t5tpu.delta import base as delta_base
 
 log = logging.getLogger('t5tpu.train')
 
@@ -72,24 +74,33 @@ def _resolve_seed(random_seed: Optional[int], saved: Optional[int]) -> int:
 
 
 def write_model_info(path: str, trainer: trainer_lib.Trainer) -> None:
-  """model-info.txt: every parameter's shape, logical axes and mesh sharding, plus totals."""
+  """model-info.txt: every parameter's shape, logical axes and mesh sharding, plus totals
+  (and, for a delta run, which parameters train and their fraction)."""
   if not distributed.is_primary():
     return
   from flax import traverse_util
-  layout = trainer.layout
-  flat_abs = traverse_util.flatten_dict(layout.abstract.params, sep='/')
-  flat_logical = traverse_util.flatten_dict(layout.logical_specs.params, sep='/')
-  flat_shard = traverse_util.flatten_dict(layout.shardings.params, sep='/')
+  layout = trainer.params_layout
+  flat_abs = traverse_util.flatten_dict(layout.abstract, sep='/')
+  flat_logical = traverse_util.flatten_dict(layout.logical, sep='/')
+  flat_shard = traverse_util.flatten_dict(layout.shardings, sep='/')
+  trainable = set(traverse_util.flatten_dict(trainer.trainable_layout.abstract, sep='/'))
   lines = [f'mesh: {dict(trainer.partitioner.mesh.shape)}', '']
+  if trainer.delta is not None:
+    lines[1:1] = [f'delta: {trainer.delta.describe()} (frozen base in '
+                  f'{trainer.delta.base_dtype}; * = trainable)']
   total = 0
   for name in sorted(flat_abs):
     a = flat_abs[name]
     total += int(np.prod(a.shape))
-    lines.append(f'{name:<70} {str(a.dtype):<8} {str(tuple(a.shape)):<16} '
+    mark = '* ' if trainer.delta is not None and name in trainable else ''
+    lines.append(f'{mark}{name:<70} {str(a.dtype):<8} {str(tuple(a.shape)):<16} '
                  f'axes={tuple(flat_logical[name])} '
                  f'{partitioning.describe_sharding(flat_shard[name], a.shape)}')
   lines += ['', f'total parameters: {total:,}']
-  opt_leaves = jax.tree.leaves(layout.abstract.opt_state)
+  n_train = trainer.trainable_layout.num_values()
+  lines.append(f'trainable parameters: {n_train:,} ({100.0 * n_train / max(total, 1):.4g}%)')
+  lines.append(f'frozen parameters: {total - n_train:,}')
+  opt_leaves = jax.tree.leaves(trainer.layout.abstract.opt_state)
   lines.append(f'optimizer state values: {sum(int(np.prod(x.shape)) for x in opt_leaves):,}')
   storage.write_text(storage.join(path, 'model-info.txt'), '\n'.join(lines) + '\n')
 
@@ -125,13 +136,14 @@ class Start:
   source: str  # what it was restored from, for the log
   resumed: bool  # from MODEL_DIR's own checkpoint
   loop_state: dict  # the loop's own state saved with the input position (early stopping, ...)
+  delta_base: Optional[Any] = None  # delta.base.BaseRecord of a delta run's frozen base
 
 
 def _check_fits(trainer: trainer_lib.Trainer, path: str, shapes: dict) -> None:
   """The same one-message mismatch error as INITIAL_CHECKPOINT_PATH gets, from metadata."""
   from flax import traverse_util
   model = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
-      trainer.layout.abstract.params, sep='/').items()}
+      trainer.layout.abstract.params, sep='/').items()}  # the trainable part: a delta's
   # Shape-only stand-ins (no memory): the check reads shapes, the values are never needed.
   ckpt = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
   initial_checkpoint.check_compatible(model, ckpt, path=path)
@@ -153,19 +165,58 @@ def restore_or_init(trainer: trainer_lib.Trainer, checkpointer: ckpt_lib.Checkpo
       log.warning('MODEL_DIR %s already holds checkpoint_%d: resuming from it and ignoring '
                   'INITIAL_CHECKPOINT_PATH=%s (use a new MODEL_DIR to start over)',
                   checkpointer.model_dir, step, restore_cfg.path)
-  elif restore_cfg.path:
+  elif restore_cfg.path and trainer.delta is None:
     state = initial_checkpoint.load(restore_cfg.path, trainer, restore_cfg)
     source = restore_cfg.path
+  elif restore_cfg.path:  # a delta run starts at step 0 on the base
+    seed = _resolve_seed(random_seed, None)
+    base = delta_base.load_base(restore_cfg.path, trainer.params_layout, trainer.delta,
+                                restore_cfg)
+    trainable, frozen = delta_base.start_from_base(trainer, base, jax.random.PRNGKey(seed))
+    del base
+    state = trainer.state_from_params(trainable)
+    trainer.set_frozen(frozen)
+    dataset_state = {'seed': seed, 'position': 0}
+    source = f'{restore_cfg.path} (frozen base) + a fresh {trainer.delta.describe()}'
   else:
     seed = _resolve_seed(random_seed, None)
     state = trainer.init_state(jax.random.PRNGKey(seed))
     dataset_state = {'seed': seed, 'position': 0}
     source = f'scratch (seed {seed})'
+  seed = _resolve_seed(random_seed, dataset_state.get('seed'))
+  record = _delta_base_record(trainer, restore_cfg, seed, found is not None, dataset_state)
   keep_position = restore_cfg.restore_dataset
-  return Start(state=state, seed=_resolve_seed(random_seed, dataset_state.get('seed')),
+  return Start(state=state, seed=seed,
                position=int(dataset_state.get('position', 0)) if keep_position else 0,
                snapshot=dataset_state.get('iterator') if keep_position else None,
-               source=source, resumed=found is not None, loop_state=dataset_state)
+               source=source, resumed=found is not None, loop_state=dataset_state,
+               delta_base=record)
+
+
+def _delta_base_record(trainer, restore_cfg, seed: int, resumed: bool, dataset_state: dict):
+  """A delta run's frozen base on the trainer (loaded again when resuming, or a random one
+  from the run's seed without INITIAL_CHECKPOINT_PATH) and its record, checked against the
+  one the resumed checkpoint holds."""
+  if trainer.delta is None:
+    return None
+  path = restore_cfg.path or f'scratch (seed {seed})'
+  if resumed or not trainer.frozen:
+    if restore_cfg.path:
+      base = delta_base.load_base(restore_cfg.path, trainer.params_layout, trainer.delta,
+                                  restore_cfg)
+      trainer.set_frozen(delta_lib.split(trainer.delta, base)[1])
+      del base
+    else:
+      log.warning('delta tuning on a randomly initialised base (no INITIAL_CHECKPOINT_PATH)')
+      trainer.set_frozen(trainer.init_frozen(jax.random.PRNGKey(seed)))
+  record = delta_base.BaseRecord(path=path, fingerprint=delta_base.fingerprint(trainer.frozen),
+                                 dtype=trainer.delta.base_dtype,
+                                 methods=trainer.delta.describe())
+  saved = dataset_state.get('delta_base')
+  if resumed and saved:
+    delta_base.check_same_base(delta_base.BaseRecord.from_dict(saved), path,
+                               record.fingerprint, 'MODEL_DIR')
+  return record
 
 
 # ----------------------------------------------------------------------------- input
@@ -415,6 +466,8 @@ def _train_locked(run: Run):
     raise
   try:
     write_model_info(run.model_dir, trainer)  # only now: a run refused above changes nothing
+    if start.delta_base is not None and distributed.is_primary():
+      delta_base.write_record(run.model_dir, start.delta_base)
     return _loop(run, trainer, checkpointer, start, pipeline, start_step, total_steps)
   finally:
     pipeline.close()
@@ -450,7 +503,7 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
   inference_evaluator = None
   if run.infer_eval_dataset_cfg is not None and run.inference_evaluator_cls is not None:
     inference_evaluator = run.inference_evaluator_cls(
-        model=run.model, trainer=trainer, dataset_cfg=run.infer_eval_dataset_cfg,
+        model=run.model, layout=trainer.params_layout, dataset_cfg=run.infer_eval_dataset_cfg,
         log_dir=run.model_dir)
 
   def run_evals(step) -> bool:
@@ -461,7 +514,7 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
                                 run.eval_steps, step, run.model_dir)
     if inference_evaluator is None:
       return False
-    results = inference_evaluator.evaluate(state.params, step)
+    results = inference_evaluator.evaluate(trainer.full_params(state.params), step)
     return tracker.enabled and _share(tracker.update(step, results) if
                                       distributed.is_primary() else False, tracker)
 
@@ -483,6 +536,8 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
   def save(step):
     steplog.check_finite(checkpointer.latest_saved)  # nothing non-finite is saved
     loop_state = {'first_step': first_step, 'early_stopping': tracker.state()}
+    if start.delta_base is not None:
+      loop_state['delta_base'] = start.delta_base.to_dict()
     data_state = {**pipeline.state(start.position + (step - start_step)), **loop_state}
     checkpointer.save(state, data_state)
 

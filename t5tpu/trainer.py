@@ -4,6 +4,10 @@ The train step is compiled once with explicit in/out shardings and donates the o
 parameters and optimizer state are updated in place. Gradient accumulation over microbatches
 runs inside the step (`lax.scan`). Dropout randomness is `fold_in(base_rng, step)`, so a resumed
 run draws exactly the masks an uninterrupted one would. Nothing in the step talks to the host.
+
+With delta tuning (t5tpu.delta) the TrainState holds only the trainable parameters; the
+frozen base is a separate, non-donated argument of the step: never differentiated, given no
+optimizer state, never checkpointed. Full fine-tuning is the case of an empty frozen part.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from flax import linen as nn
 from flax import struct
 from jax.sharding import PartitionSpec
 
+from t5tpu import delta as delta_lib
+from t5tpu import layout as layout_lib
 from t5tpu import partitioning as partitioning_lib
 
 
@@ -59,7 +65,12 @@ def _is_spec(x):
 
 
 class Trainer:
-  """Builds the state layout and the compiled steps for one model on one mesh."""
+  """Builds the state layout and the compiled steps for one model on one mesh.
+
+  `params_layout`: every parameter of the model; `layout`: the TrainState (the trainable
+  parameters and their optimizer state); `frozen_layout`: the frozen base of a delta run
+  (empty otherwise), whose values `set_frozen` hands to the trainer once.
+  """
 
   def __init__(self, model, partitioner: partitioning_lib.PjitPartitioner,
                learning_rate_fn, num_microbatches: Optional[int] = None,
@@ -73,18 +84,23 @@ class Trainer:
     self.optimizer_def = model.optimizer_def
     self.tx = self.optimizer_def.make(learning_rate_fn)
     self.input_shapes = dict(input_shapes or {})
+    self.delta = delta_lib.config_of(model)
+    self.params_layout = layout_lib.ParamLayout.for_model(model, partitioner)
+    delta_lib.check_targets(self.delta, self.params_layout.abstract)
+    trains = lambda path: self.delta is None or self.delta.trainable(path)
+    self.trainable_layout = self.params_layout.subset(trains)
+    self.frozen_layout = self.params_layout.subset(
+        lambda path: not trains(path), dtype=self.delta.base_dtype if self.delta else None)
+    self.frozen = {}
     self.layout = self._make_layout()
     self._train_step = None
     self._eval_step = None
 
   # ----------------------------------------------------------------------- layout
   def _make_layout(self) -> StateLayout:
-    shapes = self.input_shapes
-    with self.partitioner.context():
-      boxed = self.model.abstract_variables(shapes)['params']
-    logical = nn.get_partition_spec(boxed)
-    abstract_params = nn.unbox(boxed)
-    param_mesh_specs = jax.tree.map(self.partitioner.mesh_spec, logical, is_leaf=_is_spec)
+    params = self.trainable_layout
+    logical, abstract_params = params.logical, params.abstract
+    param_mesh_specs = jax.tree.map(lambda s: s.spec, params.shardings)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     opt_mesh_specs = self.optimizer_def.state_partition_specs(param_mesh_specs,
                                                               abstract_params)
@@ -97,13 +113,35 @@ class Trainer:
     return StateLayout(abstract, logical_specs, shardings)
 
   def init_state(self, rng) -> TrainState:
-    """Parameters and optimizer state created directly in their shards (no host copy)."""
+    """Parameters and optimizer state created directly in their shards (no host copy).
+
+    With a delta, only the trainable parameters: XLA drops the base's initialisation."""
     def init(rng):
-      params = self.model.init_params(rng, self.input_shapes)
+      params = self.init_params(rng)
+      params, _ = delta_lib.split(self.delta, params)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=self.tx.init(params))
     with self.partitioner.context():
       return jax.jit(init, out_shardings=self.layout.shardings)(rng)
+
+  def init_params(self, rng):
+    return self.model.init_params(rng, self.input_shapes or layout_lib.input_shapes(
+        1, {'inputs': 8, 'targets': 8}))
+
+  def init_frozen(self, rng):
+    """A randomly initialised frozen base, in its shards (tests, benchmarks, plans)."""
+    def init(rng):
+      return delta_lib.split(self.delta, self.init_params(rng))[1]
+    with self.partitioner.context():
+      return jax.jit(init, out_shardings=self.frozen_layout.shardings)(rng)
+
+  def set_frozen(self, frozen) -> None:
+    """The frozen base the steps use (placed in frozen_layout's shardings and dtype)."""
+    self.frozen = self.frozen_layout.place(frozen) if frozen else {}
+
+  def full_params(self, params):
+    """The whole parameter tree for evaluation and decoding: trainable + frozen."""
+    return delta_lib.merge(params, self.frozen)
 
   def state_from_params(self, params, step: int = 0) -> TrainState:
     """A fresh optimizer state around given (already sharded or host) parameters."""
@@ -115,12 +153,13 @@ class Trainer:
 
   # ----------------------------------------------------------------------- steps
   def batch_shardings(self, batch_spec: Mapping[str, Any]):
-    return {k: self.partitioner.data_sharding(len(v.shape)) for k, v in batch_spec.items()}
+    return self.params_layout.batch_shardings(batch_spec)
 
-  def _grads_and_metrics(self, params, batch, dropout_rng):
+  def _grads_and_metrics(self, params, frozen, batch, dropout_rng):
     normalizer, weights = self.model.loss_normalizer(batch)
     batch = {**batch, 'decoder_loss_weights': weights}
-    grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
+    loss_fn = lambda p, *a: self.model.loss_fn(delta_lib.merge(p, frozen), *a)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = self.num_microbatches
     if k == 1:
       (_, metrics), grads = grad_fn(params, batch, dropout_rng, normalizer)
@@ -154,9 +193,9 @@ class Trainer:
                                        (jnp.arange(k), micro))
     return grads, metrics
 
-  def _train_step_fn(self, state: TrainState, batch, base_rng):
+  def _train_step_fn(self, state: TrainState, frozen, batch, base_rng):
     dropout_rng = jax.random.fold_in(base_rng, state.step)
-    grads, metrics = self._grads_and_metrics(state.params, batch, dropout_rng)
+    grads, metrics = self._grads_and_metrics(state.params, frozen, batch, dropout_rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
                                         global_step=state.step)
     params = optax.apply_updates(state.params, updates)
@@ -171,11 +210,12 @@ class Trainer:
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def compile_train_step(self, batch_spec: Mapping[str, Any]):
-    """jit with explicit shardings; the old state's buffers are donated to the new one."""
+    """jit(state, frozen, batch, rng) with explicit shardings; the old state's buffers are
+    donated to the new one (the frozen base is only read)."""
     rng_sharding = self.partitioner.sharding(PartitionSpec())
     return jax.jit(self._train_step_fn,
-                   in_shardings=(self.layout.shardings, self.batch_shardings(batch_spec),
-                                 rng_sharding),
+                   in_shardings=(self.layout.shardings, self.frozen_layout.shardings,
+                                 self.batch_shardings(batch_spec), rng_sharding),
                    out_shardings=(self.layout.shardings, rng_sharding),
                    donate_argnums=(0,))
 
@@ -183,17 +223,18 @@ class Trainer:
     if self._train_step is None:
       self._train_step = self.compile_train_step(batch)
     with self.partitioner.context():
-      return self._train_step(state, batch, base_rng)
+      return self._train_step(state, self.frozen, batch, base_rng)
 
   def eval_step(self, params, batch):
-    """Teacher-forced metric sums for one batch (no dropout)."""
+    """Teacher-forced metric sums for one batch (no dropout); `params` as in the state."""
     if self._eval_step is None:
       self._eval_step = jax.jit(
-          self.model.eval_fn,
-          in_shardings=(self.layout.shardings.params, self.batch_shardings(batch)),
+          lambda p, f, b: self.model.eval_fn(delta_lib.merge(p, f), b),
+          in_shardings=(self.layout.shardings.params, self.frozen_layout.shardings,
+                        self.batch_shardings(batch)),
           out_shardings=self.partitioner.sharding(PartitionSpec()))
     with self.partitioner.context():
-      return self._eval_step(params, batch)
+      return self._eval_step(params, self.frozen, batch)
 
 
 def all_finite(tree) -> jax.Array:

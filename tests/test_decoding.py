@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5tpu import decoding, optimizers, partitioning, trainer
+from t5tpu import decoding, partitioning
+from t5tpu import layout as layout_lib
 from tests import tiny
 
 
@@ -92,11 +93,9 @@ def test_sampling_respects_topk_and_temperature(setup):
 
 def test_partitioned_predict_fn_matches(setup):
   model, params, batch = setup
-  tr = trainer.Trainer(model, partitioning.PjitPartitioner(num_partitions=2),
-                       optimizers.create_learning_rate_scheduler(), None,
-                       {'encoder_input_tokens': (4, 12), 'decoder_input_tokens': (4, 10)})
-  fn = decoding.make_predict_fn(model, tr, method='greedy')
-  sharded_params = jax.device_put(params, tr.layout.shardings.params)
+  layout = layout_lib.ParamLayout.for_model(model, partitioning.PjitPartitioner(num_partitions=2))
+  fn = decoding.make_predict_fn(model, layout, method='greedy')
+  sharded_params = layout.place(params)
   tokens, _ = fn(sharded_params, batch, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(
       decoding.predict(model, params, batch, method='greedy')))

@@ -168,7 +168,7 @@ def test_restore_gives_the_logits_of_transformers(offline, models):
   enc, dec_in, targets = common.padded_batch(100)
   expected = hf_logits(models['main'], enc, dec_in)
   state = initial_checkpoint.load('hf://org/tiny-t5', trainer)  # what training restores
-  params = initial_checkpoint.load_params('hf://org/tiny-t5', trainer)  # eval and infer
+  params = initial_checkpoint.load_params('hf://org/tiny-t5', trainer.params_layout)  # eval and infer
   for restored in (state.params, params):
     diff = max_diff(common.logits(cfg, restored, enc, dec_in, targets), expected, targets)
     assert diff < TOL

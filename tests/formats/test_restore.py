@@ -197,4 +197,4 @@ def test_missing_and_damaged_checkpoints_are_user_errors(tmp_path, fixture_state
   path = t5x_orbax.write(str(tmp_path / 'run'), fixture_state)
   (tmp_path / 'run' / 'checkpoint_0' / 'state' / '_METADATA').write_text('{"tree_meta')
   with pytest.raises(CheckpointReadError, match=re.escape(f'{path}/state/_METADATA is corrupt')):
-    initial_checkpoint.load_params(path, tiny_trainer)
+    initial_checkpoint.load_params(path, tiny_trainer.params_layout)
