@@ -431,6 +431,7 @@ def train(*,
   storage.check_reachable(run.model_dir, read_only=[run.restore_cfg.path])
   partitioner.check_batch_size(train_dataset_cfg.batch_size)
   data_lib.check_task(train_dataset_cfg, model)
+  delta_lib.check_data(delta_lib.config_of(model), [train_dataset_cfg, train_eval_dataset_cfg])
   if run.early_stopping.enabled and not (infer_eval_dataset_cfg and eval_period):
     raise errors.UserError(
         f'EARLY_STOPPING_METRIC={run.early_stopping.metric!r} needs the inference evaluation '

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 from flax import traverse_util
 
+from t5tpu import errors
+
 # Projection names as users know them from Hugging Face / PEFT, mapped to t5x's.
 HF_ALIASES = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
 PROJECTIONS = ('query', 'key', 'value', 'out', 'wi.*', 'wo')  # wi, or T5 1.1's wi_0, wi_1
@@ -215,15 +217,27 @@ def merge(trainable, frozen):
   return traverse_util.unflatten_dict(flat)
 
 
-class DeltaError(ValueError):
+class DeltaError(errors.UserError):
   """A delta configuration that cannot work (the message says what to change)."""
+
+
+def check_data(cfg: Optional[DeltaConfig], dataset_cfgs) -> None:
+  """Prompt tuning cannot read packed rows (each example needs its own prompt)."""
+  if cfg is None or cfg.prompt is None:
+    return
+  for ds in dataset_cfgs:
+    if ds is not None and ds.pack:
+      raise DeltaError(
+          f'prompt tuning needs unpacked inputs, but the {ds.split!r} data of '
+          f'{ds.mixture_or_task_name!r} is packed (a packed row holds several examples, each '
+          'needing its own prompt): set data.DatasetConfig.pack = False, as '
+          'gin/delta/prompt.gin does for train/ and train_eval/')
 
 
 def check_targets(cfg: Optional[DeltaConfig], params) -> None:
   """Every LoRA/BitFit target names at least one projection; else the ones that exist."""
   if cfg is None:
     return
-  from t5tpu import errors
   flat = traverse_util.flatten_dict(params)
   modules = sorted({'/'.join(k[:-1]) for k in flat if k[-1] == 'kernel'})
   for name, method in (('LoRA', cfg.lora), ('BitFit', cfg.bitfit)):
