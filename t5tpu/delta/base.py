@@ -63,13 +63,24 @@ class BaseRecord:
   fingerprint: str
   dtype: str
   methods: str
+  config: Optional[dict] = None  # the DeltaConfig (what an export needs: LoRA's alpha, ...)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict) -> 'BaseRecord':
-    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+  def delta_config(self) -> delta_lib.DeltaConfig:
+    if not self.config:
+      raise errors.UserError(f'the delta record of {self.path} has no configuration')
+    return delta_lib.DeltaConfig.from_dict(self.config)
+
+
+def record_for(cfg: delta_lib.DeltaConfig, path: str, frozen) -> BaseRecord:
+  return BaseRecord(path=path, fingerprint=fingerprint(frozen), dtype=cfg.base_dtype,
+                    methods=cfg.describe(), config=cfg.to_dict())
 
 
 def write_record(model_dir: str, record: BaseRecord) -> None:
@@ -113,6 +124,8 @@ def start_from_base(trainer, base_params, rng):
   fresh = trainer.init_state(rng).params
   base_trainable, frozen = delta_lib.split(cfg, base_params)
   trainable = delta_lib.merge(base_trainable, fresh)  # the base's values win
+  if cfg.lora is not None and cfg.lora.init_from:
+    trainable = _with_peft_lora(trainable, cfg.lora, trainer.model.config)
   if cfg.prompt is not None:
     value = delta_modules.initialize_prompt(
         cfg.prompt, frozen['token_embedder']['embedding'], jax.random.fold_in(rng, 1),
@@ -121,6 +134,33 @@ def start_from_base(trainer, base_params, rng):
       trainable['encoder']['prompt']['embedding'] = value
   trainable = trainer.trainable_layout.place(trainable)
   return trainable, frozen
+
+
+def _with_peft_lora(trainable, lora: delta_lib.LoRA, model_cfg):
+  """The trainable tree with its LoRA weights from a PEFT adapter (same rank and scale)."""
+  from t5tpu.formats import peft
+  adapter, weights = peft.read(lora.init_from, model_cfg)
+  if (adapter.rank, adapter.scale) != (lora.rank, lora.scale):
+    raise delta_lib.DeltaError(
+        f'LoRA.init_from={lora.init_from}: the adapter has r={adapter.rank}, scale '
+        f'{adapter.scale:g} but the run configures rank={lora.rank}, scale {lora.scale:g} '
+        f'(LORA_ALPHA / LORA_RANK): set LORA_RANK = {adapter.rank} and LORA_ALPHA = '
+        f'{adapter.alpha:g}')
+  flat = traverse_util.flatten_dict(jax.device_get(trainable), sep='/')
+  ours = {k for k in flat if k.endswith(('lora_a', 'lora_b'))}
+  if set(weights) != ours:
+    missing, extra = sorted(ours - set(weights)), sorted(set(weights) - ours)
+    raise delta_lib.DeltaError(
+        f'LoRA.init_from={lora.init_from} adapts other projections than LORA_TARGETS: '
+        f'missing {missing[:6]}, extra {extra[:6]}; set LORA_TARGETS to match the adapter '
+        f'(its target_modules)')
+  for k, v in weights.items():
+    if v.shape != flat[k].shape:
+      raise delta_lib.DeltaError(f'LoRA.init_from: {k} has shape {v.shape}, the model '
+                                 f'{flat[k].shape}')
+    flat[k] = v
+  log.info('LoRA weights from the PEFT adapter %s', lora.init_from)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def load_for_inference(checkpoint_path: str, model, partitioner, restore_cfg,
@@ -160,6 +200,34 @@ def load_for_inference(checkpoint_path: str, model, partitioner, restore_cfg,
     layout = layout_lib.ParamLayout.for_model(model, partitioner)
     params = jax.device_put(params, layout.shardings)
   return model, layout, params
+
+
+# ----------------------------------------------------------------------------- merging
+
+def merge_into_base(cfg: delta_lib.DeltaConfig, base: dict, delta_params: dict) -> dict:
+  """A plain T5's parameters (flat, numpy) with the delta folded in: LoRA's A·B·scale added
+  to its kernels, BitFit's layer norm scales replaced. The other methods add computation a
+  plain T5 does not have, so they cannot be merged: an error says so."""
+  unmergeable = [name for name, m in (('adapter', cfg.adapter), ('prefix', cfg.prefix),
+                                      ('prompt', cfg.prompt)) if m is not None]
+  biases = [k for k in delta_params if k.endswith('/bias')]
+  if unmergeable or biases:
+    why = (f'{", ".join(unmergeable)} add layers, keys or tokens' if unmergeable else
+           'BitFit\'s biases have no place in T5 (its projections are bias-free)')
+    raise delta_lib.DeltaError(
+        f'this delta ({cfg.describe()}) cannot be merged into a plain T5: {why}. Serve it '
+        'with t5tpu infer (base + delta), or export a LoRA run (merges exactly; '
+        '--to_format=peft keeps it separate).')
+  out = {k: np.asarray(v, np.float32) for k, v in base.items()}
+  for name, value in delta_params.items():
+    if name.endswith('/lora_a'):
+      module = name[:-len('/lora_a')]
+      b = np.asarray(delta_params[module + '/lora_b'], np.float64)
+      update = np.asarray(value, np.float64) @ b * cfg.lora.scale
+      out[module + '/kernel'] = (out[module + '/kernel'] + update).astype(np.float32)
+    elif name.endswith('/scale'):
+      out[name] = np.asarray(value, np.float32)
+  return out
 
 
 # ----------------------------------------------------------------------------- folding

@@ -16,6 +16,12 @@ relative attention max distance 128).
 For --to_format=hf, --vocab (the run's SentencePiece model; --vocab_extra_ids as in its
 seqio.SentencePieceVocabulary) also writes the T5Tokenizer files, so the export serves text.
 
+Delta tuning: --from a delta MODEL_DIR (or one of its checkpoints) writes the base with the
+delta merged in (LoRA; BitFit's layer norm scales), or, with --to_format=peft, the LoRA
+weights as a PEFT adapter (adapter_config.json + adapter_model.safetensors) for the base
+exported on its own. --from a PEFT LoRA adapter directory with --base=<its base model> writes
+the merged model. The base is the one the delta run recorded, unless --base names it.
+
 --to for t5x_legacy and orbax is either a checkpoint_<step> directory or a MODEL_DIR that
 receives checkpoint_<step>. Writing them keeps the Adafactor state when the source has one
 and otherwise adds t5x's zero Adafactor state, so t5x restores the result as it restores a
@@ -38,7 +44,7 @@ from t5tpu.formats import (CheckpointNotFoundError, OutputExistsError, cast_floa
                            infer_config, model_param_shapes, unflatten)
 
 log = logging.getLogger('t5tpu.convert')
-FORMATS = ('hf', 't5x_legacy', 'orbax')
+FORMATS = ('hf', 't5x_legacy', 'orbax', 'peft')
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
 
 
@@ -126,6 +132,41 @@ def read(path: str, model_gin: Optional[str] = None):
   return state, cfg, src
 
 
+@dataclasses.dataclass
+class Delta:
+  """A delta to export or merge: its config and its parameters (flat, t5x names)."""
+  config: object  # delta.DeltaConfig
+  params: dict
+  source: str
+
+
+def read_delta(path: str, base: Optional[str]) -> tuple:
+  """(base path, Delta) when `path` is a PEFT adapter or a delta run's checkpoint, else
+  (base, None). A delta run's base is its recorded one unless `base` is given."""
+  from t5tpu import delta
+  from t5tpu.delta import base as delta_base
+  from t5tpu.formats import peft
+  if peft.is_adapter(path):
+    if not base:
+      raise errors.UserError(f'{path} is a PEFT adapter: give the model it adapts with '
+                             '--base=<HF model dir, hub name or checkpoint>')
+    return base, Delta(None, {}, path)  # read once the base's config is known
+  src = resolve_source(path)
+  record = delta_base.read_record(src)
+  if record is None:
+    return base, None
+  from t5tpu import checkpoints
+  params = flatten(checkpoints.read_state_dict(src)['target'])
+  return base or record.path, Delta(record.delta_config(), params, src)
+
+
+def merge_delta(state: dict, cfg: network.T5Config, d: 'Delta') -> dict:
+  """The base state dict with the delta merged into its parameters (no optimizer state)."""
+  from t5tpu.delta import base as delta_base
+  merged = delta_base.merge_into_base(d.config, flatten(state['target']), d.params)
+  return {'target': unflatten(merged), 'state': {'step': 0}}
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def adafactor_zeros(params: dict) -> dict:
@@ -199,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                       'hub name (hf://google/flan-t5-base[@revision])')
   p.add_argument('--to', required=True, help='output directory (local or gs://)')
   p.add_argument('--to_format', required=True, choices=FORMATS)
+  p.add_argument('--base', default=None,
+                 help='delta: the base model (needed for a PEFT adapter; default for a '
+                      'delta MODEL_DIR: the base its run recorded)')
   p.add_argument('--model_gin', default=None,
                  help="model shape: a gin file or name (e.g. t5_1_1/base); default: from "
                       'config.json (HF) or the parameter shapes')
@@ -236,10 +280,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       spm = hf.load_sentencepiece(args.vocab)
     except ValueError as e:
       parser.error(f'--vocab: {e}')
-  state, cfg, src = read(args.source, args.model_gin)
-  out = write(state, cfg, args.to, args.to_format, dtype=args.dtype,
-              params_only=args.params_only, zarr_min_bytes=args.zarr_min_bytes,
-              overwrite=args.overwrite)
+  base_path, delta = read_delta(args.source, storage.resolve(args.base))
+  if delta is None and args.to_format == 'peft':
+    parser.error(f'--to_format=peft writes a LoRA delta, but {args.source} is a whole model '
+                 '(give a delta MODEL_DIR trained with gin/delta/lora.gin)')
+  state, cfg, src = read(base_path if delta is not None else args.source, args.model_gin)
+  if delta is not None and delta.config is None:  # a PEFT adapter, read for this config
+    from t5tpu import delta as delta_lib
+    from t5tpu.formats import peft
+    lora, params = peft.read(delta.source, cfg)
+    delta = Delta(delta_lib.DeltaConfig(lora=lora), params, delta.source)
+  if delta is not None:
+    log.info('%s: a %s delta on the base %s', delta.source, delta.config.describe(), src)
+    src = f'{delta.source} (on {src})'
+  if args.to_format == 'peft':
+    out = _write_peft(delta, cfg, args.to, base_path)
+  else:
+    if delta is not None:
+      state = merge_delta(state, cfg, delta)
+    out = write(state, cfg, args.to, args.to_format, dtype=args.dtype,
+                params_only=args.params_only, zarr_min_bytes=args.zarr_min_bytes,
+                overwrite=args.overwrite)
   if args.to_format == 'hf':
     if spm:
       hf.write_tokenizer(out, spm, args.vocab_extra_ids)
@@ -248,6 +309,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   'the run trained with> to serve text with AutoTokenizer')
   step = int(state.get('state', {}).get('step', 0))
   print(f'{src} -> {out} ({args.to_format}, step {step}): {model_shapes.describe(cfg)}')
+
+
+def _write_peft(delta: Delta, cfg: network.T5Config, to: str, base_path: str) -> str:
+  from t5tpu.formats import peft
+  others = [m for m in delta.config.methods if m != 'lora']
+  if others:
+    raise errors.UserError(f'--to_format=peft: PEFT adapters here are LoRA only; this delta '
+                           f'also has {others}')
+  if peft.is_adapter(to):
+    raise OutputExistsError(f'{to} already holds a PEFT adapter')
+  return peft.write(to, delta.config.lora, unflatten(delta.params), cfg, base_path)
 
 
 if __name__ == '__main__':
