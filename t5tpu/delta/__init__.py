@@ -104,7 +104,7 @@ class Prefix:
   """
   length: int = 16
   reparameterize: bool = True
-  hidden: int = 512
+  hidden: int = 64
   init_scale: float = 0.5
 
   def owns(self, names: Sequence[str]) -> bool:
