@@ -105,17 +105,15 @@ def model_storage_needs(names: Optional[Sequence[str]] = None) -> List[dict]:
   """
   import jax
   import numpy as np
-  from t5tpu import model_shapes, models, network, optimizers
+  from t5tpu import layout, model_shapes, models, network, optimizers, partitioning
   configs = model_shapes.named_configs()
   rows = []
   for name in names or [n for n in configs if not n.endswith('tiny')]:
     cfg = configs[name]
     model = models.EncoderDecoderModel(module=network.Transformer(cfg),
                                        optimizer_def=optimizers.Adafactor())
-    boxed = model.abstract_variables({'encoder_input_tokens': (1, 8),
-                                      'decoder_input_tokens': (1, 8)})['params']
-    from flax import linen as nn
-    params = nn.unbox(boxed)
+    params = layout.ParamLayout.for_model(
+        model, partitioning.PjitPartitioner(devices=jax.devices()[:1])).abstract
     tx = model.optimizer_def.make(1e-3)
     opt = jax.eval_shape(tx.init, params)
     count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

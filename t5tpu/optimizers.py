@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
 import jax
 import jax.numpy as jnp
@@ -279,4 +279,21 @@ def scale_by_schedule_at_global_step(learning_rate) -> optax.GradientTransformat
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-OptimizerDef = Union[Adafactor, AdamW]
+class OptimizerDef(Protocol):
+  """What the trainer and checkpoints need of an optimizer (Adafactor and AdamW are two).
+
+  A delta run hands it only the trainable parameters, so a frozen-parameter optimizer needs
+  no implementation of its own.
+  """
+
+  def make(self, learning_rate) -> optax.GradientTransformation:
+    """The transformation; `update` accepts `global_step` (the train state's step)."""
+
+  def state_partition_specs(self, param_specs, param_shapes):
+    """PartitionSpecs of the state, from the parameters' specs and shapes."""
+
+  def state_to_dict(self, opt_state):
+    """The state as the checkpoint stores it under state/param_states."""
+
+  def state_from_dict(self, template, state_dict, step):
+    """The state back from that dict (`template`: a state of the right structure)."""

@@ -95,11 +95,6 @@ class PjitPartitioner:
   def sharding(self, mesh_spec: PartitionSpec) -> NamedSharding:
     return NamedSharding(self.mesh, mesh_spec)
 
-  def logical_to_shardings(self, logical_specs):
-    is_spec = lambda x: isinstance(x, PartitionSpec)
-    return jax.tree.map(lambda s: self.sharding(self.mesh_spec(s)), logical_specs,
-                        is_leaf=is_spec)
-
   def data_sharding(self, ndim: int = 2) -> NamedSharding:
     """Batches: the leading (batch) dimension over `data`, the rest replicated."""
     return self.sharding(PartitionSpec('data', *([None] * (ndim - 1))))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import re
 import sys
@@ -236,9 +235,9 @@ def make_setup(model, topology: str, batch_size: int, lengths, num_partitions: i
                                         model_parallel_submesh=model_parallel_submesh,
                                         logical_axis_rules=logical_axis_rules, devices=devices)
   lr = learning_rate_fn or optimizers.create_learning_rate_scheduler()
-  shapes = {'encoder_input_tokens': (batch_size, lengths['inputs']),
-            'decoder_input_tokens': (batch_size, lengths['targets'])}
-  trainer = trainer_lib.Trainer(model, part, lr, num_microbatches, shapes)
+  from t5tpu import layout
+  trainer = trainer_lib.Trainer(model, part, lr, num_microbatches,
+                                layout.input_shapes(batch_size, lengths))
   return Setup(trainer, topology, batch_size, dict(lengths), pack)
 
 
@@ -405,7 +404,6 @@ def table_rows(models: Sequence[str], topologies: Sequence[str], lengths, start:
                remat: str = 'none', resolution_fraction: float = 0.125, limit: int = 4096,
                header: bool = True, out=sys.stdout) -> List[dict]:
   """docs/tpu-memory.md: each model's largest fitting batch on each topology."""
-  import jax
   rows = []
   if header:
     print('| model | params | topology | model parallel | remat | params+opt / core | '

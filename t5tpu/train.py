@@ -25,6 +25,7 @@ from t5tpu import distributed
 from t5tpu import early_stopping as early_stopping_lib
 from t5tpu import errors
 from t5tpu import initial_checkpoint
+from t5tpu import layout as layout_lib
 from t5tpu import model_dir_lock
 from t5tpu import models
 from t5tpu import partitioning
@@ -441,9 +442,7 @@ def train(*,
 
 
 def _train_locked(run: Run):
-  batch_size = run.train_dataset_cfg.batch_size
-  input_shapes = {'encoder_input_tokens': (batch_size, run.lengths['inputs']),
-                  'decoder_input_tokens': (batch_size, run.lengths['targets'])}
+  input_shapes = layout_lib.input_shapes(run.train_dataset_cfg.batch_size, run.lengths)
   trainer = trainer_lib.Trainer(run.model, run.partitioner, run.learning_rate_fn,
                                 run.num_microbatches, input_shapes,
                                 skip_nonfinite_steps=run.skip_nonfinite)

@@ -13,8 +13,8 @@ with numpy leaves and `param_states` only where the checkpoint has an optimizer 
   hf           transformers T5ForConditionalGeneration (config.json + safetensors / .bin)
   hub          hf://org/name[@revision]: a hub name, from the Hugging Face cache or downloaded
   convert      the `t5tpu convert` command
-
-Format detection lives in t5tpu.initial_checkpoint.detect_format.
+  detect       which format a path holds (detect_format), and reading any of them
+  peft         PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors)
 
 A checkpoint that cannot be read (truncated, corrupt, another kind of model, not there) is a
 user error: the readers raise the classes below, which are also the builtin error they

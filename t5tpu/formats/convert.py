@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from t5tpu import errors, initial_checkpoint, model_shapes, network, storage
+from t5tpu.formats import detect
 from t5tpu.formats import (CheckpointNotFoundError, OutputExistsError, cast_floating, flatten,
                            infer_config, model_param_shapes, unflatten)
 
@@ -64,7 +65,7 @@ def resolve_source(path: str) -> str:
   from t5tpu import early_stopping
   path = early_stopping.resolve(path.rstrip('/'))
   try:
-    initial_checkpoint.detect_format(path)
+    detect.detect_format(path)
     return path
   except FileNotFoundError:
     if not storage.isdir(path):
@@ -74,14 +75,14 @@ def resolve_source(path: str) -> str:
   for _, name in reversed(steps):
     candidate = storage.join(path, name.rstrip('/'))
     try:
-      initial_checkpoint.detect_format(candidate)
+      detect.detect_format(candidate)
     except FileNotFoundError:
       continue  # an unfinished save
     log.info('%s is a model directory: using its latest checkpoint, %s', path, name)
     return candidate
   raise CheckpointNotFoundError(
       f'no checkpoint at {path}: the directory holds none, nor a checkpoint_<step> directory '
-      f'with one; {initial_checkpoint.EXPECTED_LAYOUTS}, or a MODEL_DIR of such '
+      f'with one; {detect.EXPECTED_LAYOUTS}, or a MODEL_DIR of such '
       'checkpoint_<step> directories')
 
 
@@ -115,13 +116,13 @@ def _without_macros(cfg: network.T5Config) -> network.T5Config:
 def read(path: str, model_gin: Optional[str] = None):
   """(state dict, T5Config, source path) of any supported checkpoint."""
   src = resolve_source(path)
-  kind = initial_checkpoint.detect_format(src)
+  kind = detect.detect_format(src)
   cfg = None
   if kind == 'hf':
     from t5tpu.formats import hf
     state, cfg = hf.read_with_config(src)
   else:
-    state = initial_checkpoint.read_state_dict(src)
+    state = detect.read_state_dict(src)
   if model_gin:
     cfg = config_from_gin(model_gin)
   elif cfg is None:
@@ -143,7 +144,6 @@ class Delta:
 def read_delta(path: str, base: Optional[str]) -> tuple:
   """(base path, Delta) when `path` is a PEFT adapter or a delta run's checkpoint, else
   (base, None). A delta run's base is its recorded one unless `base` is given."""
-  from t5tpu import delta
   from t5tpu.delta import base as delta_base
   from t5tpu.formats import peft
   if peft.is_adapter(path):

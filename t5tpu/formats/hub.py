@@ -2,7 +2,7 @@
 
 INITIAL_CHECKPOINT_PATH, eval's and infer's CHECKPOINT_PATH and `t5tpu convert --from` accept
 them. `resolve` is the one place a hub name becomes a local folder: format detection
-(initial_checkpoint.detect_format) and the Hugging Face reader (formats.hf) call it, so every
+(detect.detect_format) and the Hugging Face reader (formats.hf) call it, so every
 reader sees an ordinary model directory.
 
 The local Hugging Face cache (HF_HUB_CACHE, default ~/.cache/huggingface/hub) comes first: a
@@ -205,14 +205,14 @@ def hf_config(path: str, base: Optional[network.T5Config] = None) -> network.T5C
   bound to HF_MODEL (by default INITIAL_CHECKPOINT_PATH) and `base` to the gin-configured
   T5Config, which keeps the run's dtype, dropout and remat policy.
   """
-  from t5tpu import initial_checkpoint, model_shapes
-  from t5tpu.formats import hf
+  from t5tpu import model_shapes
+  from t5tpu.formats import detect, hf
   if not path:
     raise errors.UserError(
         'gin/models/hf.gin takes the model from a Hugging Face config.json, but HF_MODEL (by '
         'default INITIAL_CHECKPOINT_PATH) is not set: set it to the model, e.g. '
         '--gin.HF_MODEL=\\"hf://google/flan-t5-base\\"')
-  kind = initial_checkpoint.detect_format(path)
+  kind = detect.detect_format(path)
   if kind != 'hf':
     raise errors.UserError(
         f'gin/models/hf.gin takes the model from a Hugging Face config.json, but {path} is '

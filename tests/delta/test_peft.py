@@ -8,7 +8,7 @@ import pytest
 
 from t5tpu import delta
 from t5tpu.delta import base as delta_base
-from t5tpu.formats import convert, flatten, hf, peft as peft_format, unflatten
+from t5tpu.formats import convert, hf, peft as peft_format, unflatten
 from tests.formats import common as fcommon
 from tests.formats.test_hf import hf_logits, hf_model, max_diff
 
@@ -62,7 +62,6 @@ def test_adapter_saved_by_peft_imports_with_its_logits(tmp_path):
 
 
 def test_t5tpu_lora_exports_to_peft_and_merges(tmp_path):
-  from t5tpu import checkpoints
   # A delta "run" on disk: a base (orbax) and a LoRA checkpoint with its record.
   cfg = fcommon.small_config(v11=True)
   base_params = fcommon.random_params(cfg, seed=3)

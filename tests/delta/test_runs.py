@@ -3,12 +3,10 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 
-from t5tpu import checkpoints, data, errors, eval as eval_lib, infer, partitioning, train
+from t5tpu import checkpoints, data, errors, eval as eval_lib, infer, partitioning
 from t5tpu.delta import base as delta_base
-from tests import tiny
 from tests.delta import common
 
 

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from t5tpu.formats import detect
 from t5tpu import errors, initial_checkpoint
 from t5tpu.formats import CheckpointReadError, convert, flatten, mtf, unflatten
 from tests.formats import common
@@ -83,8 +84,8 @@ def test_t5_1_1_with_adafactor_slots(tmp_path):
   cfg = common.small_config(True, **V11)
   prefix, params, param_states = mtf_checkpoint(tmp_path, cfg, 1000000, with_slots=True)
   assert prefix.endswith('model.ckpt-1000000')
-  assert initial_checkpoint.detect_format(prefix) == 'mtf'
-  state = initial_checkpoint.read_state_dict(prefix)
+  assert detect.detect_format(prefix) == 'mtf'
+  state = detect.read_state_dict(prefix)
   assert state['state']['step'] == 1000000
   common.assert_trees_equal(state['target'], params)
   common.assert_trees_equal(state['state']['param_states'], param_states)
@@ -102,9 +103,9 @@ def test_t5_1_0_directory_without_slots(tmp_path):
   cfg = common.small_config(False)
   _, params, _ = mtf_checkpoint(tmp_path, cfg, 500, with_slots=False, seed=1)
   # the model directory itself: its `checkpoint` state file names the latest model.ckpt-N
-  assert initial_checkpoint.detect_format(str(tmp_path)) == 'tf_dir'
+  assert detect.detect_format(str(tmp_path)) == 'tf_dir'
   assert mtf.latest_in_dir(str(tmp_path)) == os.path.join(str(tmp_path), 'model.ckpt-500')
-  state = initial_checkpoint.read_state_dict(str(tmp_path))
+  state = detect.read_state_dict(str(tmp_path))
   assert state['state'] == {'step': 500}
   common.assert_trees_equal(state['target'], params)
 
@@ -132,7 +133,7 @@ def test_truncated_checkpoint_is_a_user_error(tmp_path, cut):
   with open(name, 'wb') as f:
     f.write(data[:len(data) // 2])
   with pytest.raises(errors.UserError) as info:
-    initial_checkpoint.read_state_dict(prefix)
+    detect.read_state_dict(prefix)
   assert isinstance(info.value, CheckpointReadError)
   assert str(info.value).startswith(f'cannot read the TF checkpoint {prefix} (')
   assert ("its .index or .data-* files are truncated or damaged: copy the checkpoint again"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from t5tpu import checkpoints, data, errors, initial_checkpoint, optimizers, partitioning, train
+from t5tpu.formats import detect
 from t5tpu.formats import (CheckpointNotFoundError, CheckpointReadError, flatten,
                            model_param_shapes, t5x_legacy, t5x_orbax, unflatten)
 from tests import tiny
@@ -192,7 +193,7 @@ def test_missing_and_damaged_checkpoints_are_user_errors(tmp_path, fixture_state
   assert str(info.value) == f'no checkpoint at {missing} (it does not exist): {expected}'
   missing.mkdir()
   with pytest.raises(CheckpointNotFoundError, match=r'\(the directory holds none of these\)'):
-    initial_checkpoint.detect_format(str(missing))
+    detect.detect_format(str(missing))
   # eval / infer read parameters only (load_params): a damaged orbax _METADATA names the file
   path = t5x_orbax.write(str(tmp_path / 'run'), fixture_state)
   (tmp_path / 'run' / 'checkpoint_0' / 'state' / '_METADATA').write_text('{"tree_meta')

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from t5tpu import errors, initial_checkpoint
+from t5tpu import errors
+from t5tpu.formats import detect
 from t5tpu.formats import (CheckpointReadError, cast_floating, flatten, model_param_shapes,
                            t5x_legacy)
 from tests.formats import common
@@ -20,7 +21,7 @@ def fixture_state():
 
 
 def test_fixture_is_t5_1_1_tiny_with_adafactor_state(fixture_state):
-  assert initial_checkpoint.detect_format(common.fixture_path()) == 't5x_legacy_file'
+  assert detect.detect_format(common.fixture_path()) == 't5x_legacy_file'
   target = {k: np.shape(v) for k, v in flatten(fixture_state['target']).items()}
   assert target == model_param_shapes(common.named('t5_1_1/tiny'))
   assert fixture_state['state']['step'] == 0
@@ -37,7 +38,7 @@ def test_fixture_is_t5_1_1_tiny_with_adafactor_state(fixture_state):
 def test_write_read_round_trip_is_bit_exact(tmp_path, fixture_state, zarr_min_bytes):
   path = str(tmp_path / 'checkpoint_0')
   t5x_legacy.write(path, fixture_state, zarr_min_bytes=zarr_min_bytes)
-  assert initial_checkpoint.detect_format(path) == 't5x_legacy'
+  assert detect.detect_format(path) == 't5x_legacy'
   folders = sorted(f for f in os.listdir(path) if f != 'checkpoint')
   raw = t5x_legacy.read_msgpack(path)
   assert raw['version'] == 3 and set(raw) == {'version', 'optimizer'}
@@ -94,7 +95,7 @@ def test_checkpoint_written_on_gcs_reads_from_a_local_copy(tmp_path, fixture_sta
     return tree
   with open(os.path.join(path, 'checkpoint'), 'wb') as f:
     f.write(serialization.msgpack_serialize(as_gcs(raw)))
-  again = initial_checkpoint.read_state_dict(path)
+  again = detect.read_state_dict(path)
   assert again['state']['step'] == 1000000
   common.assert_trees_equal(again, state)
 
@@ -110,7 +111,7 @@ def test_truncated_or_damaged_checkpoints_are_user_errors(tmp_path, fixture_stat
   (step_dir / 'checkpoint').write_bytes(data[:len(data) // 2])
   for path, msgpack_file in ((bare, bare), (step_dir, step_dir / 'checkpoint')):
     with pytest.raises(errors.UserError) as info:
-      initial_checkpoint.read_state_dict(str(path))
+      detect.read_state_dict(str(path))
     assert isinstance(info.value, CheckpointReadError) and isinstance(info.value, ValueError)
     assert str(info.value) == (
         f'{msgpack_file} is truncated: its msgpack data ends early (after '
@@ -118,10 +119,10 @@ def test_truncated_or_damaged_checkpoints_are_user_errors(tmp_path, fixture_stat
         'again (t5tpu gcs cp, or gsutil -m cp -r) and compare its size with the source')
   bare.write_bytes(b'')
   with pytest.raises(CheckpointReadError, match=r'test_t5_tiny\.checkpoint_0 is empty \(0 bytes\)'):
-    initial_checkpoint.read_state_dict(str(bare))
+    detect.read_state_dict(str(bare))
   bare.write_bytes(b'\xc1 not msgpack')
   with pytest.raises(CheckpointReadError, match='is corrupt or not a T5X checkpoint'):
-    initial_checkpoint.read_state_dict(str(bare))
+    detect.read_state_dict(str(bare))
   # a zarr folder missing from a copied checkpoint names the array and its folder
   path = str(tmp_path / 'zarr' / 'checkpoint_0')
   t5x_legacy.write(path, fixture_state)
@@ -132,4 +133,4 @@ def test_truncated_or_damaged_checkpoints_are_user_errors(tmp_path, fixture_stat
   with pytest.raises(CheckpointReadError, match=re.escape(
       f'{path}: cannot read the array target/token_embedder/embedding from its zarr folder '
       f'{folder}/ (ValueError: NOT_FOUND')):
-    initial_checkpoint.read_state_dict(path)
+    detect.read_state_dict(path)
