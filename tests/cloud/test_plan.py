@@ -160,6 +160,19 @@ def test_colab_single_chip_tpus(tmp_path, topology, hbm):
   assert 'batch 4: FITS' in text and f'of {hbm} GiB HBM' in text
 
 
+@pytest.mark.timeout(300)
+def test_delta_step_plans_with_a_frozen_bfloat16_base():
+  """`t5tpu plan ... --gin_file=delta/lora.gin`: the base counts once, in bfloat16, with no
+  optimizer state; the delta's state is all there is to optimize."""
+  from t5tpu import delta
+  full = plan.memory_report(_model(), 'v5e-1', 8, LENGTHS)
+  lora = plan.memory_report(_model(delta=delta.DeltaConfig(
+      lora=delta.LoRA(rank=4), base_dtype='bfloat16')), 'v5e-1', 8, LENGTHS)
+  assert full.fits and lora.fits
+  assert lora.params < 0.6 * full.params  # bfloat16 base + a small float32 delta
+  assert lora.opt_state < 0.2 * full.opt_state
+
+
 def test_topologies_build():
   counts = {name: len(plan.topology_devices(name)) for name in plan.TOPOLOGIES}
   assert counts == {'v5e-1': 1, 'v6e-1': 1, 'v2-8': 8, 'v3-8': 8, 'v4-8': 4, 'v4-8-cores': 8,
