@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from train_throughput import random_batch  # the same random batches (this folder)
+
 METHODS = ('ft', 'lora', 'adapter', 'prefix', 'prompt', 'bitfit')
 
 
@@ -42,14 +44,6 @@ def delta_config(method: str, base_dtype: str):
            'prefix': dict(prefix=delta.Prefix()), 'prompt': dict(prompt=delta.Prompt()),
            'bitfit': dict(bitfit=delta.BitFit())}
   return None if method == 'ft' else delta.DeltaConfig(base_dtype=base_dtype, **kinds[method])
-
-
-def random_batch(rng, batch, inputs, targets, vocab):
-  enc = rng.randint(2, vocab, (batch, inputs)).astype(np.int32)
-  tgt = rng.randint(2, vocab, (batch, targets)).astype(np.int32)
-  dec = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
-  return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec,
-          'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones_like(tgt, np.float32)}
 
 
 def bench(method: str, cfg, args, batches) -> dict:

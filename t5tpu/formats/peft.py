@@ -43,7 +43,7 @@ def _module_pairs(cfg: network.T5Config) -> dict:
 
 def read(path: str, cfg: network.T5Config):
   """(delta.LoRA, {t5x name: array}) of the PEFT LoRA adapter directory at `path`."""
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load
   from t5tpu import delta
   path = path.rstrip('/')
   config = json.loads(storage.read_text(storage.join(path, CONFIG_NAME)))
@@ -58,11 +58,7 @@ def read(path: str, cfg: network.T5Config):
                        "(bias='none')")
   local = storage.join(path, WEIGHTS_NAME)
   with storage.open_file(local, 'rb') as f:
-    data = f.read()
-  with tempfile.NamedTemporaryFile(suffix='.safetensors') as tmp:
-    tmp.write(data)
-    tmp.flush()
-    tensors = load_file(tmp.name)
+    tensors = load(f.read())
   modules = _module_pairs(cfg)
   out, rank = {}, int(config['r'])
   pattern = re.compile(r'^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$')
