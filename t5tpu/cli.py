@@ -7,6 +7,7 @@
   t5tpu gcs     ...  bucket set-up and copies
   t5tpu plan    ...  will it fit? compile for a Cloud TPU topology
   t5tpu demo         the built-in closed-book QA demo on CPU
+  t5tpu study   ...  compare full fine-tuning and delta methods on tasks, write a report
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ COMMANDS = {
     'gcs': ('t5tpu.gcs', 'main', 'set up a GCS bucket, copy checkpoints and data'),
     'plan': ('t5tpu.plan', 'main', 'compile for a Cloud TPU topology: does it fit?'),
     'demo': ('t5tpu.demo', 'main', 'fine-tune a tiny T5 on the built-in knowledge task'),
+    'study': ('t5tpu.study', 'main', 'compare delta-tuning methods: performance, convergence, '
+              'transfer'),
 }
 
 

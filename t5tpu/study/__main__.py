@@ -1,0 +1,5 @@
+import sys
+
+from t5tpu.study import main
+
+main(sys.argv[1:])
