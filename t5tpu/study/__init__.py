@@ -63,6 +63,7 @@ class StudyConfig:
   eval_period: int = 100
   patience: Optional[int] = 3
   batch_size: int = 32
+  dropout_rate: float = 0.1
   feature_lengths: Optional[Dict[str, int]] = None
   learning_rates: Optional[Dict[str, float]] = None  # method -> constant learning rate
   metrics: Optional[Dict[str, str]] = None  # task -> metric, for tasks the catalog lacks

@@ -115,7 +115,8 @@ def render(results: dict, images: Dict[str, object]) -> str:
            f'Base: `{base.get("checkpoint")}`' + (
                f' (pre-trained here on {base["task"]} for {base["steps"]} steps)'
                if base.get('pretrained_here') else ''),
-           f'Runs: up to {cfg["train_steps"]} steps, batch {cfg["batch_size"]}, evaluated every '
+           f'Runs: up to {cfg["train_steps"]} steps, batch {cfg["batch_size"]}, dropout '
+           f'{cfg.get("dropout_rate")}, evaluated every '
            f'{cfg["eval_period"]} steps, early stopping after {cfg["patience"]} evaluations '
            f'without improvement; seeds {", ".join(map(str, cfg["seeds"]))}; learning rates '
            + ', '.join(f'{NAMES.get(m, m)} {cfg["learning_rates"][m]:g}' for m in methods) + '.',

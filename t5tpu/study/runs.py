@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import gin
 
@@ -23,6 +23,10 @@ from t5tpu.study import StudyConfig, METHOD_GINS, analysis, report
 
 log = logging.getLogger('t5tpu.study')
 RESULTS = 'results.json'
+
+
+class Interrupted(Exception):
+  """A run ended before its steps or early stopping (preemption): the study stops too."""
 
 
 def run_key(method: str, task: str, seed: int) -> str:
@@ -186,6 +190,7 @@ class Study:
         f'EARLY_STOPPING_PATIENCE = {cfg.patience}', f'BATCH_SIZE = {cfg.batch_size}',
         f'TASK_FEATURE_LENGTHS = {_gin_value(cfg.feature_lengths)}',
         f'RANDOM_SEED = {seed}', f'LEARNING_RATE = {cfg.learning_rates[method]}',
+        f'DROPOUT_RATE = {cfg.dropout_rate}',
         # One decoding program for every task (the same lengths), and no teacher-forced
         # validation loss: the study reads the task metric only.
         'infer_eval/data.DatasetConfig.task_feature_lengths = %TASK_FEATURE_LENGTHS',
@@ -198,46 +203,74 @@ class Study:
     best_step = early_stopping.best_step(model_dir) - start
     best = dict(curve).get(best_step)
     last_step = int(state.step) - start
+    evals_after_best = sum(1 for s, _ in curve if s > best_step)
+    stopped_early = bool(cfg.patience) and evals_after_best >= cfg.patience
+    if last_step < cfg.train_steps and not stopped_early:  # SIGTERM: the engine saved and returned
+      raise Interrupted(f'{method} on {task} stopped at step {last_step} (SIGTERM); rerun the '
+                        'same command to continue the study')
     return {'method': method, 'task': task, 'seed': seed, 'model_dir': model_dir,
             'metric': info['metric'], 'curve': curve, 'start_step': start,
             'best_step': best_step, 'best_score': best, 'last_step': last_step,
-            'stopped_early': last_step < cfg.train_steps,
+            'stopped_early': stopped_early,
             'seconds': round(time.time() - started, 1),
             'parameters': read_parameter_counts(model_dir)}
 
   # ------------------------------------------------------------------ transfer
-  def evaluate(self, method: str, checkpoint: str, task: str, metric: str,
-               output_dir: str) -> float:
-    """`checkpoint` evaluated on `task`'s validation split (t5tpu eval's own code path)."""
-    gins = ['runs/eval.gin'] + ([METHOD_GINS[method]] if METHOD_GINS[method] else [])
-    self._configure(gins, [
-        f'CHECKPOINT_PATH = {_gin_value(checkpoint)}', "CHECKPOINT_MODE = 'specific'",
-        f'EVAL_OUTPUT_DIR = {_gin_value(output_dir)}', "EVAL_SPLIT = 'validation'",
-        f'MIXTURE_OR_TASK_NAME = {_gin_value(task)}', f'BATCH_SIZE = {self.cfg.batch_size}',
-        f'TASK_FEATURE_LENGTHS = {_gin_value(self.cfg.feature_lengths)}'])
-    from t5tpu import eval as eval_lib
-    with _quiet():
-      results = gin.get_configurable(eval_lib.evaluate)()
-    (metrics,) = [m[task] for m in results.values()]
-    return float(metrics[metric])
-
   def transfer(self, infos: Dict[str, dict]) -> None:
+    """Each method's best checkpoint of each task, scored on every task's validation split
+    (the diagonal too: it must reproduce the run's own best score)."""
     seed = self.cfg.seeds[0]
     for method in self.cfg.methods:
       table = self.results['transfer'].setdefault(method, {})
-      for source in self.cfg.tasks:
-        row = table.setdefault(source, {})
-        checkpoint = storage.join(self.run_dir(method, source, seed), 'best')
-        todo = [t for t in self.cfg.tasks if t not in row]
-        if not todo:
-          continue
-        started = time.time()
-        for target in todo:
-          out = storage.join(self.dir, 'transfer', method, source, target)
-          row[target] = self.evaluate(method, checkpoint, target, infos[target]['metric'], out)
-          self.save()
-        self._say(f'transfer {method}: {source} -> ' + ', '.join(
-            f'{t} {row[t]:.1f}' for t in todo) + f' ({time.time() - started:.0f} s)')
+      todo = {a: [b for b in self.cfg.tasks if b not in table.get(a, {})]
+              for a in self.cfg.tasks}
+      if not any(todo.values()):
+        continue
+      model, partitioner = self._eval_model(method)
+      for source, targets in todo.items():
+        if targets:
+          started = time.time()
+          row = table.setdefault(source, {})
+          checkpoint = storage.join(self.run_dir(method, source, seed), 'best')
+          for target, score in self._evaluate(model, partitioner, checkpoint, targets, infos,
+                                              storage.join(self.dir, 'transfer', method,
+                                                           source)):
+            row[target] = score
+            self.save()
+          self._say(f'transfer {method}: {source} -> ' + ', '.join(
+              f'{t} {row[t]:.1f}' for t in targets) + f' ({time.time() - started:.0f} s)')
+
+  def _eval_model(self, method: str):
+    """The model and partitioner of `t5tpu eval` for this method (runs/eval.gin + the delta)."""
+    gins = ['runs/eval.gin'] + ([METHOD_GINS[method]] if METHOD_GINS[method] else [])
+    self._configure(gins, [
+        "CHECKPOINT_PATH = ''", "EVAL_OUTPUT_DIR = ''", "MIXTURE_OR_TASK_NAME = ''",
+        't5tpu.study.runs.eval_parts.model = %MODEL',
+        't5tpu.study.runs.eval_parts.partitioner = @t5tpu.partitioning.PjitPartitioner()'])
+    return gin.get_configurable(eval_parts)()
+
+  def _evaluate(self, model, partitioner, checkpoint: str, targets: Sequence[str],
+                infos: Dict[str, dict], output_dir: str):
+    """Yields (task, score) of `checkpoint` on each target task (t5tpu eval's code path: the
+    checkpoint and its recorded base loaded once, one inference evaluator per task)."""
+    from t5tpu import checkpoints as ckpt_lib
+    from t5tpu import data as data_lib
+    from t5tpu import early_stopping, evaluation, initial_checkpoint
+    from t5tpu.delta import base as delta_base
+    checkpoint = early_stopping.resolve(checkpoint)
+    step = initial_checkpoint.checkpoint_step(checkpoint)
+    with _quiet():
+      eval_model, layout, params = delta_base.load_for_inference(
+          checkpoint, model, partitioner, ckpt_lib.RestoreCheckpointConfig(path=checkpoint))
+      for task in targets:
+        dataset_cfg = data_lib.DatasetConfig(
+            mixture_or_task_name=task, task_feature_lengths=self.cfg.feature_lengths,
+            split='validation', batch_size=self.cfg.batch_size, shuffle=False, seed=42,
+            pack=False, num_epochs=1)
+        evaluator = evaluation.InferenceEvaluator(eval_model, layout, dataset_cfg,
+                                                  storage.join(output_dir, task))
+        yield task, float(evaluator.evaluate(params, step)[task][infos[task]['metric']])
+
 
   # ------------------------------------------------------------------ the whole study
   def run(self) -> str:
@@ -252,14 +285,18 @@ class Study:
       done = self.results['runs'].get(key)
       if done:
         continue
-      result = self.train_run(method, task, seed, infos[task], base)
+      try:
+        result = self.train_run(method, task, seed, infos[task], base)
+      except Interrupted as e:
+        self._say(str(e))
+        raise SystemExit(1) from None
       self.results['runs'][key] = result
       self.results['methods'][method] = result['parameters']
       self.save()
-      self._say(f'[{i}/{len(todo)}] {method} on {task} (seed {seed}): best '
-                f'{result["metric"]} {result["best_score"]:.1f} at step {result["best_step"]}'
-                f'{" (stopped early at " + str(result["last_step"]) + ")" if result["stopped_early"] else ""}'
-                f', {result["seconds"]:.0f} s')
+      stopped = f' (stopped early at {result["last_step"]})' if result['stopped_early'] else ''
+      self._say(f'[{i}/{len(todo)}] {method} on {task} (seed {seed}): best {result["metric"]} '
+                f'{result["best_score"]:.1f} at step {result["best_step"]}{stopped}, '
+                f'{result["seconds"]:.0f} s')
     if cfg.transfer:
       self.transfer(infos)
     self.results['analysis'] = analysis.analyse(self.results)
@@ -275,3 +312,9 @@ def enable_compilation_cache(study_dir: str) -> None:
     return
   jax.config.update('jax_compilation_cache_dir', storage.join(study_dir, 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+@gin.configurable(module='t5tpu.study.runs')
+def eval_parts(model=gin.REQUIRED, partitioner=gin.REQUIRED):
+  """Hands the gin-built model and partitioner of an evaluation to the study."""
+  return model, partitioner

@@ -30,10 +30,12 @@ def parse(name, *bindings):
 
 def test_every_example_is_tested():
   names = sorted(os.listdir(os.path.join(gin_utils.gin_config_dir(), 'examples')))
-  # knowledge_demo.gin runs end to end in tests/test_demo.py.
+  # knowledge_demo.gin runs end to end in tests/test_demo.py, synthetic_tiny_model.gin in
+  # tests/study/test_study.py.
   assert names == ['cbqa_t5_1_1_small.gin', 'knowledge_demo.gin', 'knowledge_tiny.gin',
                    'knowledge_tiny_model.gin', 'stackoverflow_tags.gin',
-                   'xsum_t5_1_1_small.gin', 'xsum_t5_base.gin', 'xsum_t5_small.gin']
+                   'synthetic_tiny_model.gin', 'xsum_t5_1_1_small.gin', 'xsum_t5_base.gin',
+                   'xsum_t5_small.gin']
 
 
 @pytest.mark.parametrize('name, task', [('cbqa_t5_1_1_small.gin', 'natural_questions_open'),

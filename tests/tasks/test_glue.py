@@ -34,7 +34,8 @@ def test_catalog_knows_every_task():
 
 
 def test_the_stackoverflow_task_registers_on_the_shipped_sample():
-  from tasks import stackoverflow  # noqa: F401  (registers)
+  from tasks import stackoverflow  # registers the task
+  assert stackoverflow.paths()['validation'].endswith('stackoverflow_sample_validation.tsv')
   task = seqio.get_mixture_or_task('stackoverflow_tags')
   rows = list(task.get_dataset(None, split='validation', shuffle=False).take(3)
               .as_numpy_iterator())
