@@ -2,8 +2,8 @@
 (for the transfer matrix) and the metric it is ranked and early-stopped by.
 
 Importing this module imports no task module (nothing is registered, no TensorFlow): the study
-imports `module` of each task it runs. A task not listed here is category 'other', and its
-metric is the study's STUDY_METRICS entry or the first of PREFERRED_METRICS it reports.
+imports `module` of each task it runs. A task not listed here is category 'other' unless
+STUDY_CATEGORIES names one, and needs its metric named in STUDY_METRICS.
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ CATALOG: Dict[str, Entry] = {
 }
 
 SYNTHETIC_SUITE = ('synth_qa', 'synth_movies', 'synth_products', 'synth_nli')
-PREFERRED_METRICS = ('em', 'accuracy', 'f1', 'rougeLsum', 'rouge1')
 
 
 def lookup(name: str) -> Entry:

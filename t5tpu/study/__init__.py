@@ -111,11 +111,24 @@ FLAGS = {  # flag -> (macro of gin/runs/study.gin, type)
 }
 
 
+def _joined(argv: list) -> list:
+  """'--gin_file X' -> '--gin_file=X' (argparse takes both; the study reads the model gins)."""
+  out, i = [], 0
+  while i < len(argv):
+    if argv[i] == '--gin_file' and i + 1 < len(argv):
+      out.append(f'--gin_file={argv[i + 1]}')
+      i += 2
+    else:
+      out.append(argv[i])
+      i += 1
+  return out
+
+
 @errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
   from t5tpu import gin_utils
   from t5tpu.study import report, runs
-  argv = list(argv)
+  argv = _joined(list(argv))
   report_only = '--report_only' in argv
   argv = [a for a in argv if a != '--report_only']
   # The model gins (and any gin of the user's) come before runs/study.gin, whose defaults
@@ -132,5 +145,6 @@ def main(argv: Sequence[str]) -> None:
   if report_only:
     path = report.write(config.study_dir)
   else:
-    path = runs.Study(config, model_gins, list(args.gin_bindings)).run()
+    path = runs.Study(config, model_gins, list(args.gin_bindings),
+                      args.gin_search_paths.split(',')).run()
   print(f'report: {path}', file=sys.stderr)

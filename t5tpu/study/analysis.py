@@ -38,7 +38,9 @@ def steps_to(curve: Sequence[Sequence[float]], fraction: float) -> Optional[int]
 
 
 def _runs_of(results: dict, method: str, task: str) -> List[dict]:
-  return [r for r in results['runs'].values() if r['method'] == method and r['task'] == task]
+  seeds = set(results['config']['seeds'])
+  return [r for r in results['runs'].values()
+          if r['method'] == method and r['task'] == task and r['seed'] in seeds]
 
 
 def performance(results: dict, methods: Sequence[str], tasks: Sequence[str]) -> dict:

@@ -167,7 +167,7 @@ def write(study_dir: str) -> str:
   if not storage.exists(path):
     raise errors.UserError(f'{path} does not exist: run the study first')
   results = json.loads(storage.read_text(path))
-  if 'analysis' not in results:
+  if 'analysis' not in results:  # an interrupted study: what it has so far
     from t5tpu.study import analysis
     results['analysis'] = analysis.analyse(results)
   a = results['analysis']

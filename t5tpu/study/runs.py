@@ -25,6 +25,26 @@ log = logging.getLogger('t5tpu.study')
 RESULTS = 'results.json'
 
 
+# What a recorded run depends on: resuming with other values would mix two studies.
+_RUN_SETTINGS = ('initial_checkpoint', 'base_task', 'base_steps', 'base_batch_size',
+                 'train_steps', 'eval_period', 'patience', 'batch_size', 'dropout_rate',
+                 'feature_lengths', 'learning_rates', 'metrics')
+
+
+def _check_same_runs(saved: dict, now: dict, study_dir: str) -> None:
+  if not saved:
+    return
+  changed = [k for k in _RUN_SETTINGS if k in saved and saved[k] != now[k]]
+  rates = [m for m in now['methods'] if (saved.get('learning_rates') or {}).get(m) not in (
+      None, (now['learning_rates'] or {}).get(m))]
+  changed = [k for k in changed if k != 'learning_rates'] + (['learning_rates'] if rates else [])
+  if changed:
+    raise errors.UserError(
+        f'{study_dir} holds a study made with other settings ('
+        + ', '.join(f'{k}: {saved[k]!r} then, {now[k]!r} now' for k in changed)
+        + '): use a new --study_dir, or the same settings to resume it')
+
+
 class Interrupted(Exception):
   """A run ended before its steps or early stopping (preemption): the study stops too."""
 
@@ -87,13 +107,15 @@ class Study:
   """One study's state: its config, the gin files of its runs, results.json as a dict."""
 
   def __init__(self, config: StudyConfig, model_gins: Sequence[str],
-               user_bindings: Sequence[str] = ()):
+               user_bindings: Sequence[str] = (), search_paths: Sequence[str] = ()):
     self.cfg = config
     self.model_gins = list(model_gins)
+    self.search_paths = [p for p in search_paths if p]
     # The user's --gin.X bindings apply to every run; the study's own come after them.
     self.user_bindings = list(user_bindings)
     self.dir = storage.resolve(config.study_dir)
     self.results = read_results(self.dir)
+    _check_same_runs(self.results.get('config'), config.to_dict(), self.dir)
     self.results['config'] = config.to_dict()
     self.results.setdefault('runs', {})
     self.results.setdefault('transfer', {})
@@ -111,19 +133,31 @@ class Study:
   def _configure(self, run_gins: Sequence[str], bindings: Sequence[str]) -> None:
     from t5tpu import gin_utils
     gin.clear_config()
-    gin_utils.parse_gin([*self.model_gins, *run_gins], [*self.user_bindings, *bindings])
+    try:
+      gin_utils.parse_gin([*self.model_gins, *run_gins], [*self.user_bindings, *bindings],
+                          self.search_paths)
+    except (ValueError, IOError, TypeError, SyntaxError, ImportError) as e:
+      if isinstance(e, errors.UserError):
+        raise
+      raise errors.UserError(f'in the gin configuration of a study run ({", ".join(run_gins)}):'
+                             f' {errors.message(e)}') from e
 
   # ------------------------------------------------------------------ the tasks
   def task_infos(self) -> Dict[str, dict]:
     import importlib
     from tasks import catalog
+    from t5tpu import data as data_lib
     for module in self.cfg.task_modules:
-      importlib.import_module(module)
+      try:
+        importlib.import_module(module)
+      except ImportError as e:
+        raise errors.UserError(f'STUDY_TASK_MODULES: cannot import {module!r} ({e})') from None
     infos = {}
     for task in self.cfg.tasks:
       entry = catalog.lookup(task)
       if entry.module:
         importlib.import_module(entry.module)
+      data_lib.get_task(task)  # an unknown name: one clear message, before any training
       metric = (self.cfg.metrics or {}).get(task) or entry.metric
       if metric is None:
         raise errors.UserError(
@@ -132,21 +166,20 @@ class Study:
             'STUDY_CATEGORIES)')
       category = (self.cfg.categories or {}).get(task) or entry.category
       infos[task] = {'metric': metric, 'category': category}
-    from t5tpu import data as data_lib
-    for task in infos:
-      data_lib.get_task(task)  # an unknown name: one clear message, before any training
     return infos
 
   # ------------------------------------------------------------------ the base
   def base_checkpoint(self) -> str:
     cfg = self.cfg
     if cfg.initial_checkpoint is not None:
-      self.results['base'] = {'checkpoint': cfg.initial_checkpoint, 'pretrained_here': False}
-      return cfg.initial_checkpoint
+      from t5tpu import early_stopping
+      path = early_stopping.resolve(cfg.initial_checkpoint)  # <MODEL_DIR>/best -> its step
+      self.results['base'] = {'checkpoint': path, 'pretrained_here': False}
+      return path
     model_dir = storage.join(self.dir, 'base')
     from t5tpu import checkpoints
     path = checkpoints.step_dir(model_dir, cfg.base_steps)
-    if not storage.exists(path):
+    if not checkpoints.is_complete(path):
       self._say(f'pre-training the base on {cfg.base_task} for {cfg.base_steps} steps')
       started = time.time()
       self._configure(['runs/pretrain.gin'], [
@@ -160,6 +193,9 @@ class Study:
       from t5tpu import train as train_lib
       with _quiet():
         gin.get_configurable(train_lib.train)()
+      if not checkpoints.is_complete(path):  # SIGTERM: the engine saved an earlier step
+        raise Interrupted('the base pre-training stopped before its last step (SIGTERM); rerun '
+                          'the same command to continue the study')
       self.results['base'] = {'checkpoint': path, 'pretrained_here': True,
                               'task': cfg.base_task, 'steps': cfg.base_steps,
                               'seconds': round(time.time() - started, 1)}
@@ -200,14 +236,19 @@ class Study:
     with _quiet():
       state = gin.get_configurable(train_lib.train)()
     curve = [[s - start, v] for s, v in read_curve(model_dir, task, info['metric'])]
-    best_step = early_stopping.best_step(model_dir) - start
-    best = dict(curve).get(best_step)
+    pointer = early_stopping.best_step(model_dir)
+    best_step = None if pointer is None else pointer - start
     last_step = int(state.step) - start
-    evals_after_best = sum(1 for s, _ in curve if s > best_step)
+    evals_after_best = sum(1 for s, _ in curve if best_step is not None and s > best_step)
     stopped_early = bool(cfg.patience) and evals_after_best >= cfg.patience
     if last_step < cfg.train_steps and not stopped_early:  # SIGTERM: the engine saved and returned
       raise Interrupted(f'{method} on {task} stopped at step {last_step} (SIGTERM); rerun the '
                         'same command to continue the study')
+    best = dict(map(tuple, curve)).get(best_step)
+    if best is None:
+      raise errors.UserError(
+          f'{method} on {task}: no validation {info["metric"]!r} was recorded in '
+          f'{model_dir}/inference_eval; name a metric the task reports (STUDY_METRICS)')
     return {'method': method, 'task': task, 'seed': seed, 'model_dir': model_dir,
             'metric': info['metric'], 'curve': curve, 'start_step': start,
             'best_step': best_step, 'best_score': best, 'last_step': last_step,

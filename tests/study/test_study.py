@@ -140,6 +140,15 @@ def test_bad_input_is_one_clear_message(tmp_path):
   assert proc.returncode == 2 and 'unknown method qlora' in proc.stderr
   assert 'Traceback' not in proc.stderr
   proc = run_study(tmp_path, '--tasks=no_such_task', check=False)
-  assert proc.returncode == 2 and 'no_such_task' in proc.stderr
+  assert proc.returncode == 2 and "no seqio task or mixture named 'no_such_task'" in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not (tmp_path / 'results.json').exists()
+
+
+def test_resuming_with_other_settings_is_refused(study):
+  study_dir, results, _ = study
+  flags = [f for f in FLAGS if not f.startswith('--train_steps')] + ['--train_steps=40']
+  proc = run_study(study_dir, *flags, check=False)
+  assert proc.returncode == 2 and 'train_steps: 30 then, 40 now' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert json.loads((study_dir / 'results.json').read_text())['runs'] == results['runs']
