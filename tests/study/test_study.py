@@ -20,8 +20,8 @@ FLAGS = ['--methods=lora,prompt', '--tasks=synth_movies,synth_nli', '--train_ste
          "--gin.STUDY_LEARNING_RATES={'lora': 3e-3, 'prompt': 0.0}"]
 
 
-def run_study(study_dir, *flags, check=True, **kwargs):
-  cmd = [sys.executable, '-m', 't5tpu.study', f'--study_dir={study_dir}', *flags]
+def run_study(study_dir, *flags, check=True, entry=('-m', 't5tpu.study'), **kwargs):
+  cmd = [sys.executable, *entry, f'--study_dir={study_dir}', *flags]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=user_env(),
                         timeout=900, **kwargs)
   if check:
@@ -136,7 +136,8 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_runs(study, tmp
 
 
 def test_bad_input_is_one_clear_message(tmp_path):
-  proc = run_study(tmp_path, '--methods=lora,qlora', check=False)
+  proc = run_study(tmp_path, '--methods=lora,qlora', check=False,
+                   entry=('-m', 't5tpu.cli', 'study'))  # `t5tpu study` is the same entry
   assert proc.returncode == 2 and 'unknown method qlora' in proc.stderr
   assert 'Traceback' not in proc.stderr
   proc = run_study(tmp_path, '--tasks=no_such_task', check=False)
