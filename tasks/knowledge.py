@@ -130,15 +130,26 @@ def build_sentencepiece_model(seed: int = SEED, vocab_size: int = VOCAB_SIZE,
   """Trains the task's SentencePiece model on every question and answer (deterministic).
 
   BPE keeps the frequent words of the questions whole and splits the invented names into a
-  few pieces. Normalisation is a single no-op-in-practice rule (ideographic space -> space)
-  rather than 'identity', whose empty rule table makes every model load log a message.
+  few pieces.
   """
-  import sentencepiece as spm
   lines = []
   for split in SPLITS:
     for ex in examples(split, seed):
       lines += [ex['inputs'], ex['targets']]
+  return train_sentencepiece(lines, vocab_size, model_type)
+
+
+def train_sentencepiece(lines: Sequence[str], vocab_size: int, model_type: str = 'bpe',
+                        user_defined_symbols: Sequence[str] = ()) -> bytes:
+  """A SentencePiece model of `lines` as reproducible bytes (pad 0, EOS 1, UNK 2, no BOS).
+
+  Normalisation is a single no-op-in-practice rule (ideographic space -> space) rather than
+  'identity', whose empty rule table makes every model load log a message.
+  """
+  import sentencepiece as spm
+  from sentencepiece import sentencepiece_model_pb2
   model = io.BytesIO()
+  extra = {'user_defined_symbols': list(user_defined_symbols)} if user_defined_symbols else {}
   with tempfile.TemporaryDirectory() as tmp:
     rules = os.path.join(tmp, 'normalization.tsv')
     with open(rules, 'w') as f:
@@ -147,9 +158,8 @@ def build_sentencepiece_model(seed: int = SEED, vocab_size: int = VOCAB_SIZE,
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=1.0, normalization_rule_tsv=rules,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, shuffle_input_sentence=False,
-        minloglevel=2)
+        minloglevel=2, **extra)
   # The model records the rule file's (temporary) path; drop it so the bytes are reproducible.
-  from sentencepiece import sentencepiece_model_pb2
   proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
   proto.normalizer_spec.normalization_rule_tsv = ''
   return proto.SerializeToString(deterministic=True)

@@ -33,9 +33,7 @@ Validation people, reviews and posts never appear in the training splits.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
-import tempfile
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import gin
@@ -388,23 +386,9 @@ def examples(task: str, split: str) -> List[dict]:
 def build_sentencepiece_model(vocab_size: int = VOCAB_SIZE) -> bytes:
   """BPE over every input and target of every task and split (deterministic), with the
   sentinels as whole pieces; the same recipe as the knowledge task's model."""
-  import sentencepiece as spm
-  from sentencepiece import sentencepiece_model_pb2
   lines = [t for task in GENERATORS for split in SPLITS for e in examples(task, split)
            for t in (e['inputs'], e['targets'])]
-  model = io.BytesIO()
-  with tempfile.TemporaryDirectory() as tmp:
-    rules = os.path.join(tmp, 'normalization.tsv')
-    with open(rules, 'w') as f:
-      f.write('3000\t20\n')
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-        model_type='bpe', character_coverage=1.0, normalization_rule_tsv=rules,
-        user_defined_symbols=list(SENTINELS), pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        num_threads=1, shuffle_input_sentence=False, minloglevel=2)
-  proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
-  proto.normalizer_spec.normalization_rule_tsv = ''
-  return proto.SerializeToString(deterministic=True)
+  return knowledge.train_sentencepiece(lines, vocab_size, 'bpe', SENTINELS)
 
 
 def write_sentencepiece_model(path: str = SPM_PATH) -> str:
