@@ -20,11 +20,12 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from t5tpu import distributed
+from t5tpu import formats
+from t5tpu import layout as layout_lib
 from t5tpu import storage
 
 log = logging.getLogger(__name__)
@@ -104,22 +105,13 @@ def step_dir(model_dir: str, step: int) -> str:
   return storage.join(model_dir, f'{STEP_PREFIX}_{step}')
 
 
-def cast_params(tree, dtype: Optional[str]):
-  if dtype is None:
-    return tree
-  dt = jnp.dtype(dtype)
-  return jax.tree.map(
-      lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 class Checkpointer:
   """Saves and restores TrainStates (and input positions) under one MODEL_DIR."""
 
-  def __init__(self, model_dir: str, optimizer_def, save_cfg: Optional[SaveCheckpointConfig],
+  def __init__(self, model_dir: str, save_cfg: Optional[SaveCheckpointConfig],
                protected_step: Optional[Callable[[], Optional[int]]] = None):
     """`protected_step()` names a checkpoint that `keep` must not delete (the best one)."""
     self.model_dir = model_dir
-    self.optimizer_def = optimizer_def
     self.save_cfg = save_cfg or SaveCheckpointConfig()
     self.protected_step = protected_step
     storage.makedirs(model_dir)
@@ -140,9 +132,10 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return False
-    tree = state.state_dict(self.optimizer_def)
+    tree = state.state_dict()
     if self.save_cfg.dtype and self.save_cfg.dtype != 'float32':
-      tree = {**tree, 'target': cast_params(tree['target'], self.save_cfg.dtype)}
+      tree = formats.with_params(
+          tree, formats.cast_floating(formats.params_of(tree), self.save_cfg.dtype))
     items = {'state': ocp.args.StandardSave(tree)}
     items['dataset'] = ocp.args.JsonSave(dataset_state or {})
     with self._save_failures(self.saved_step):  # a failed asynchronous save surfaces here
@@ -186,13 +179,11 @@ class Checkpointer:
 
   def restore(self, step: int, template_state, shardings):
     """Restores checkpoint_<step> into the layout of template_state (abstract is fine)."""
-    abstract_dict = _abstract_state_dict(template_state, shardings, self.optimizer_def)
+    abstract_dict = layout_lib.with_shardings(template_state, shardings).state_dict()
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_dict), dataset=ocp.args.JsonRestore()))
-    state = template_state.restore_state_dict(restored['state'], self.optimizer_def)
-    # orbax may hand back one buffer for several equal arrays (e.g. Adafactor's [1] zero
-    # slots); the train step donates its state, and a buffer cannot be donated twice.
-    state = jax.tree.map(lambda x: x.copy(), state)
+    state = template_state.restore_state_dict(restored['state'])
+    state = layout_lib.unshared(state)  # orbax may share one buffer between equal arrays
     return state, dict(restored['dataset'] or {})
 
   def restore_latest_whole(self, template_state, shardings, check_fits=None):
@@ -262,17 +253,10 @@ def param_shapes(path: str) -> dict:
     checkpointer.close()
   tree = getattr(meta, 'item_metadata', meta)
   tree = getattr(tree, 'tree', tree)
-  if not isinstance(tree, dict) or 'target' not in tree:
+  if not isinstance(tree, dict) or formats.TARGET not in tree:
     raise ValueError(f'{path}: no parameters (target) in the checkpoint metadata')
-  flat = traverse_util.flatten_dict(tree['target'], sep='/')
+  flat = traverse_util.flatten_dict(formats.params_of(tree), sep='/')
   return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
-
-
-def _abstract_state_dict(template_state, shardings, optimizer_def):
-  """ShapeDtypeStructs with shardings, in the checkpoint's dict layout."""
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          template_state, shardings)
-  return abstract.state_dict(optimizer_def)
 
 
 def restore_params(path: str, abstract_params):
@@ -286,9 +270,10 @@ def restore_params(path: str, abstract_params):
       abstract_params)
   restored = checkpointer.restore(
       storage.orbax_path(storage.join(path, 'state')),
-      args=ocp.args.PyTreeRestore(item={'target': abstract_params},
-                                  restore_args={'target': restore_args}, partial_restore=True))
-  return restored['target']
+      args=ocp.args.PyTreeRestore(item={formats.TARGET: abstract_params},
+                                  restore_args={formats.TARGET: restore_args},
+                                  partial_restore=True))
+  return formats.params_of(restored)
 
 
 def read_state_dict(path: str, abstract_dict=None):

@@ -52,7 +52,7 @@ def get_task(name: str):
   import seqio
   try:
     return seqio.get_mixture_or_task(name)
-  except ValueError as e:
+  except ValueError:
     known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
     close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
     hint = f' Did you mean {" or ".join(close)}?' if close else ''
@@ -63,6 +63,12 @@ def get_task(name: str):
     ) from None
 
 
+def task_of(cfg: 'DatasetConfig'):
+  """The seqio task or mixture a DatasetConfig names, its module imported first."""
+  import_task_module(cfg.module)
+  return get_task(cfg.mixture_or_task_name)
+
+
 def check_task(cfg: DatasetConfig, model) -> None:
   """Refuses, before anything is written, a task the model cannot train on.
 
@@ -71,8 +77,7 @@ def check_task(cfg: DatasetConfig, model) -> None:
   positive integers, and that the task tokenises with the model's vocabularies (a different
   vocabulary trains without error but on ids that mean other pieces, or beyond the embedding).
   """
-  import_task_module(cfg.module)
-  task = get_task(cfg.mixture_or_task_name)
+  task = task_of(cfg)
   name = cfg.mixture_or_task_name
   lengths = cfg.task_feature_lengths
   if lengths is not None:
@@ -122,8 +127,7 @@ def get_dataset(cfg: DatasetConfig, shard_id: int = 0, num_shards: int = 1,
   """tf.data pipeline of this host's batches of model features (numpy-ready)."""
   import seqio
   import tensorflow as tf
-  import_task_module(cfg.module)
-  task = get_task(cfg.mixture_or_task_name)
+  task = task_of(cfg)
   if cfg.batch_size % num_shards:
     raise ValueError(f'batch_size {cfg.batch_size} is not divisible by {num_shards} hosts')
   kwargs = dict(sequence_length=cfg.task_feature_lengths, split=cfg.split,

@@ -37,7 +37,11 @@ def checkpoints_to_evaluate(path: str, mode: str) -> list[tuple[int, str]]:
     path, mode = storage.join(path, 'best'), 'specific'
   if mode == 'specific':
     path = early_stopping.resolve(path)
-    return [(initial_checkpoint.checkpoint_step(path), path)]
+    step = initial_checkpoint.checkpoint_step(path)
+    if step is None:
+      log.warning('%s names no step (checkpoint_<N>): its results are recorded as step 0',
+                  path)
+    return [(step or 0, path)]
   if mode not in ('latest', 'all'):
     raise errors.UserError(f"RestoreCheckpointConfig.mode={mode!r}: use 'specific', 'latest', "
                            "'all' or 'best'")
@@ -72,8 +76,7 @@ def evaluate(*,
              skip_evaluated: bool = True) -> dict:
   """Returns {step: {task: {metric: value}}} for every checkpoint evaluated."""
   import seqio
-  data_lib.import_task_module(dataset_cfg.module)
-  task = data_lib.get_task(dataset_cfg.mixture_or_task_name)
+  task = data_lib.task_of(dataset_cfg)
   task_names = [t.name for t in task.tasks] if isinstance(task, seqio.Mixture) else [task.name]
   partitioner.check_batch_size(dataset_cfg.batch_size)
   todo = checkpoints_to_evaluate(restore_checkpoint_cfg.path, restore_checkpoint_cfg.mode)
@@ -115,10 +118,9 @@ def format_table(results: dict) -> str:
 
 @errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
-  import gin
   from t5tpu import gin_utils
-  gin_utils.setup(argv, 'Evaluate checkpoints on a task split (t5x eval.gin macros).')
-  gin.get_configurable(evaluate)()
+  gin_utils.run_configured(evaluate, argv,
+                           'Evaluate checkpoints on a task split (t5x eval.gin macros).')
 
 
 if __name__ == '__main__':

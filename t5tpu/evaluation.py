@@ -23,12 +23,13 @@ def run_train_eval(trainer, params, cfg: data_lib.DatasetConfig, eval_steps: Opt
   Written to TensorBoard under training_eval/<task>/ and returned as {task: metrics}.
   """
   import seqio
-  data_lib.import_task_module(cfg.module)
-  task = data_lib.get_task(cfg.mixture_or_task_name)
+  task = data_lib.task_of(cfg)
   tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]
   results = {}
   for sub in tasks:
     if cfg.split not in sub.splits:
+      log.warning('task %s has no %r split (it has %s): not evaluated', sub.name, cfg.split,
+                  sorted(sub.splits))
       continue
     sub_cfg = data_lib.DatasetConfig(**{**cfg.__dict__, 'mixture_or_task_name': sub.name,
                                         'num_epochs': 1, 'shuffle': False})
@@ -60,16 +61,24 @@ def run_train_eval(trainer, params, cfg: data_lib.DatasetConfig, eval_steps: Opt
 
 # --------------------------------------------------------------------------- inference eval
 
+_NOT_NUMBERS = set()  # metric names already reported as not plotted
+
+
 def _scalar_metrics(metrics) -> dict:
-  """seqio metric values (Scalar/Text/...) or floats -> plain floats."""
+  """seqio metric values (Scalar/Text/...) or floats -> plain floats; the others (seqio.Text,
+  Image, ...) are named once in the log, since only numbers are plotted and compared."""
   out = {}
   for name, value in metrics.items():
     value = getattr(value, 'value', value)
-    if isinstance(value, (int, float)) or hasattr(value, '__float__'):
-      try:
-        out[name] = float(value)
-      except (TypeError, ValueError):
-        pass
+    try:
+      if isinstance(value, (str, bytes)):
+        raise TypeError
+      out[name] = float(value)
+    except (TypeError, ValueError):
+      if name not in _NOT_NUMBERS:
+        _NOT_NUMBERS.add(name)
+        log.info('metric %r is not a number (%s): not in the scalar results',
+                 name, type(value).__name__)
   return out
 
 
@@ -175,6 +184,14 @@ def _stack(rows, batch_size):
   return out
 
 
+def jit_score(model, layout, batch_shardings):
+  """model.score_batch(params, batch) compiled for params in `layout` and batches sharded as
+  `batch_shardings`: one log-likelihood per example, replicated."""
+  from jax.sharding import PartitionSpec
+  return jax.jit(model.score_batch, in_shardings=(layout.shardings, batch_shardings),
+                 out_shardings=layout.partitioner.sharding(PartitionSpec()))
+
+
 class InferenceEvaluator:
   """Decodes an eval split, postprocesses, and computes the task's metrics (seqio.Evaluator).
 
@@ -217,16 +234,13 @@ class InferenceEvaluator:
     return predict_fn
 
   def _score_fn(self, params):
-    from jax.sharding import PartitionSpec
 
     def score_fn(ds, *unused):
       results, shardings = [], None
       for indices, batch, n in iterate_padded_batches(ds, self.batch_size):
         shardings = shardings or self.layout.batch_shardings(batch)
         if self._score is None:
-          self._score = jax.jit(self.model.score_batch,
-                                in_shardings=(self.layout.shardings, shardings),
-                                out_shardings=self.layout.partitioner.sharding(PartitionSpec()))
+          self._score = jit_score(self.model, self.layout, shardings)
         with self.layout.partitioner.context():
           scores = self._score(params, global_batch_from_host(batch, shardings))
         results.extend(zip(indices, jax.device_get(scores)[:n].tolist()))

@@ -243,3 +243,10 @@ def setup(argv: Sequence[str], description: str, macro_flags=None):
     raise errors.UserError(f'in the gin configuration: {errors.message(e)}') from e
   check_macros_used(args.user_bindings)
   return args
+
+
+def run_configured(fn, argv: Sequence[str], description: str, macro_flags=None):
+  """An entry point's main: set up from the command line, then call gin-configured `fn`."""
+  import gin
+  setup(argv, description, macro_flags)
+  return gin.get_configurable(fn)()

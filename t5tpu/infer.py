@@ -21,6 +21,7 @@ import numpy as np
 
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import data as data_lib
+from t5tpu import decoding
 from t5tpu import distributed
 from t5tpu import errors
 from t5tpu import eval as eval_lib
@@ -31,7 +32,6 @@ from t5tpu import storage
 from t5tpu.delta import base as delta_base
 
 log = logging.getLogger('t5tpu.infer')
-EOS_ID = 1
 
 
 def read_file_examples(path: str, input_field: str = 'input',
@@ -58,8 +58,7 @@ def read_file_examples(path: str, input_field: str = 'input',
 
 def read_task_examples(cfg: data_lib.DatasetConfig) -> Iterator[dict]:
   """Text and token ids of a task split, in order."""
-  data_lib.import_task_module(cfg.module)
-  task = data_lib.get_task(cfg.mixture_or_task_name)
+  task = data_lib.task_of(cfg)
   ds = task.get_dataset(cfg.task_feature_lengths, split=cfg.split, shuffle=False,
                         num_epochs=1, use_cached=cfg.use_cached, try_in_mem_cache=False)
   for ex in ds.as_numpy_iterator():
@@ -81,12 +80,12 @@ def encode_batch(examples, vocab, max_input_length: Optional[int], decode_length
   def ids(ex, key, text_key):
     if key in ex:
       return [int(t) for t in ex[key] if t != 0]
-    return list(vocab.encode(ex[text_key])) + [EOS_ID]
+    return list(vocab.encode(ex[text_key])) + [decoding.EOS_ID]
   inputs = [ids(ex, 'input_ids', 'input') for ex in examples]
   length = max_input_length or _bucket(max(len(x) for x in inputs))
   enc = np.zeros((len(examples), length), np.int32)
   for i, x in enumerate(inputs):
-    x = x[:length - 1] + [EOS_ID] if len(x) > length else x
+    x = x[:length - 1] + [decoding.EOS_ID] if len(x) > length else x
     enc[i, :len(x)] = x
   batch = {'encoder_input_tokens': enc,
            'decoder_input_tokens': np.zeros((len(examples), decode_length), np.int32)}
@@ -111,8 +110,8 @@ def _pad_rows(batch, size):
 
 def _decode_text(vocab, tokens) -> str:
   tokens = [int(t) for t in tokens]
-  if EOS_ID in tokens:
-    tokens = tokens[:tokens.index(EOS_ID)]
+  if decoding.EOS_ID in tokens:
+    tokens = tokens[:tokens.index(decoding.EOS_ID)]
   return vocab.decode([t for t in tokens if t > 0])
 
 
@@ -149,7 +148,7 @@ def infer(*,
   model, layout, params = delta_base.load_for_inference(path, model, partitioner,
                                                         restore_checkpoint_cfg)
   predict = evaluation.decoding_fn(model, layout, decode_kwargs or {})
-  score_fn = None
+  score_fns = {}  # per batch shape, like the shardings
 
   examples = read_file_examples(input_file, input_field, target_field) if input_file \
       else read_task_examples(dataset_cfg)
@@ -159,7 +158,6 @@ def infer(*,
   shardings = {}
 
   def run_chunk(rows, part_path):
-    nonlocal score_fn
     lines = []
     for start in range(0, len(rows), batch_size):
       group = rows[start:start + batch_size]
@@ -171,10 +169,10 @@ def infer(*,
       tokens, pred_scores = jax.device_get(predict(params, gbatch, jax.random.PRNGKey(0)))
       target_scores = None
       if score and 'decoder_target_tokens' in batch:
-        if score_fn is None:
-          score_fn = jax.jit(model.score_batch)
+        if key not in score_fns:
+          score_fns[key] = evaluation.jit_score(model, layout, shardings[key])
         with layout.partitioner.context():
-          target_scores = jax.device_get(score_fn(params, gbatch))
+          target_scores = jax.device_get(score_fns[key](params, gbatch))
       for i, ex in enumerate(group):
         row = {'input': ex['input'], 'prediction': _decode_text(model.output_vocabulary,
                                                                 tokens[i])}
@@ -225,11 +223,9 @@ MACRO_FLAGS = {
 
 @errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
-  import gin
   from t5tpu import gin_utils
-  gin_utils.setup(argv, 'Predict (and score) with a checkpoint, from a task split or a '
-                  'file of inputs.', MACRO_FLAGS)
-  gin.get_configurable(infer)()
+  gin_utils.run_configured(infer, argv, 'Predict (and score) with a checkpoint, from a task '
+                           'split or a file of inputs.', MACRO_FLAGS)
 
 
 if __name__ == '__main__':

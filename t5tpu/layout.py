@@ -29,6 +29,22 @@ def _is_spec(x):
   return isinstance(x, PartitionSpec)
 
 
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs that carry their shardings (for lowering and orbax restores)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def unshared(tree):
+  """The tree with every array in a buffer of its own.
+
+  Restores and jitted initialisers may hand back one device buffer for several equal arrays
+  (Adafactor's [1] zero slots, equal restored values); the train step donates its state, and
+  XLA refuses to donate a buffer twice.
+  """
+  return jax.tree.map(lambda x: x.copy(), tree)
+
+
 @dataclasses.dataclass
 class ParamLayout:
   """A parameter tree's ShapeDtypeStructs, logical PartitionSpecs and NamedShardings."""
@@ -58,8 +74,7 @@ class ParamLayout:
 
   def abstract_with_shardings(self):
     """ShapeDtypeStructs that carry their shardings (for lowering and orbax restores)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract, self.shardings)
+    return with_shardings(self.abstract, self.shardings)
 
   def place(self, params):
     """Host or device parameters onto this layout's shardings, in its dtypes."""

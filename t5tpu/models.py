@@ -24,6 +24,14 @@ _NETWORK_INPUTS = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_targ
                    'decoder_positions')
 
 
+def loss_weights(batch: Batch):
+  """The batch's decoder_loss_weights; without them, 1 on every non-padding target token."""
+  weights = batch.get('decoder_loss_weights')
+  if weights is None:
+    weights = (batch['decoder_target_tokens'] > 0).astype(jnp.float32)
+  return weights
+
+
 @dataclasses.dataclass
 class EncoderDecoderModel:
   module: Transformer
@@ -65,9 +73,7 @@ class EncoderDecoderModel:
 
   def loss_normalizer(self, batch: Batch):
     """(normalizer, loss weights) from the whole batch, before any microbatch split."""
-    weights = batch.get('decoder_loss_weights')
-    if weights is None:
-      weights = (batch['decoder_target_tokens'] > 0).astype(jnp.float32)
+    weights = loss_weights(batch)
     return losses.loss_normalizer(self.loss_normalizing_factor, weights,
                                   batch.get('decoder_segment_ids'))
 
@@ -78,9 +84,7 @@ class EncoderDecoderModel:
       batch = {**batch, 'decoder_loss_weights': weights}
     logits = self.logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
-    weights = batch.get('decoder_loss_weights')
-    if weights is None:
-      weights = (targets > 0).astype(jnp.float32)
+    weights = loss_weights(batch)
     loss, z_part, ce_sum, weight_sum = losses.compute_weighted_cross_entropy(
         logits, targets, weights, self.label_smoothing, self.z_loss, normalizer)
     real = targets > 0
@@ -105,9 +109,7 @@ class EncoderDecoderModel:
     """Log-likelihood of each target sequence (sum over tokens), no z-loss."""
     logits = self.logits(params, batch)
     targets = batch['decoder_target_tokens']
-    weights = batch.get('decoder_loss_weights')
-    if weights is None:
-      weights = (targets > 0).astype(jnp.float32)
+    weights = loss_weights(batch)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(token_ll * weights, axis=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -61,7 +62,9 @@ def default_mesh(num_partitions: int = 1, model_parallel_submesh=None, devices=N
   try:
     from jax.experimental import mesh_utils
     arranged = mesh_utils.create_device_mesh(shape, devices=devices)
-  except Exception:  # CPU devices and unusual topologies: plain order is fine
+  except Exception as e:  # CPU devices and unusual topologies: plain order works, slower
+    log = logging.warning if devices[0].platform in ('tpu', 'gpu') else logging.debug
+    log('device mesh %s in plain device order (mesh_utils: %s)', shape, e)
     arranged = np.array(devices).reshape(shape)
   return Mesh(arranged, ('data', 'model'))
 

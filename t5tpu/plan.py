@@ -162,6 +162,8 @@ def compile_train_step(trainer, batch_size: int, lengths, topology: str, hbm: in
   import jax
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec
+
+  from t5tpu import layout as layout_lib
   part = trainer.partitioner
   layout = trainer.layout
   plan = Plan(topology=topology, batch_size=batch_size, mesh=dict(part.mesh.shape), hbm=hbm,
@@ -171,8 +173,7 @@ def compile_train_step(trainer, batch_size: int, lengths, topology: str, hbm: in
               opt_state=_shard_bytes(layout.abstract.opt_state, layout.shardings.opt_state))
   spec = batch_features(batch_size, lengths, pack)
   shardings = trainer.batch_shardings(spec)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-           for k, v in spec.items()}
+  batch = layout_lib.with_shardings(spec, shardings)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=part.sharding(PartitionSpec()))
   step = trainer.compile_train_step(spec)
   t0 = time.perf_counter()

@@ -243,11 +243,6 @@ def local_copy(path: str, cache_root: Optional[str] = None) -> str:
   return dest
 
 
-def local_copy_dir(path: str, cache_root: str) -> str:
-  """For readers that need a local directory (TensorFlow, transformers): copy gs:// down."""
-  return local_copy(path, cache_root)
-
-
 # ----------------------------------------------------------------------------- copies, sizes
 
 # Files that mark a directory complete (orbax's commit file, seqio's cache marker): copied

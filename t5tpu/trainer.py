@@ -23,29 +23,32 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from t5tpu import delta as delta_lib
+from t5tpu import formats
 from t5tpu import layout as layout_lib
 from t5tpu import partitioning as partitioning_lib
 
 
 @struct.dataclass
 class TrainState:
+  """Step, parameters and optimizer state; the optimizer (an optimizers.OptimizerDef) rides
+  along as static data, so the state alone knows how it is saved and restored."""
   step: jax.Array
   params: Any
   opt_state: Any
+  optimizer_def: Any = struct.field(pytree_node=False, default=None)
 
-  def state_dict(self, optimizer_def) -> dict:
-    """The t5x layout: {'target': params, 'state': {'step', 'param_states'}}."""
-    return {'target': self.params,
-            'state': {'step': self.step,
-                      'param_states': optimizer_def.state_to_dict(self.opt_state)}}
+  def state_dict(self) -> dict:
+    """The checkpoint's layout: t5x's state dict (see t5tpu.formats)."""
+    return formats.make_state_dict(self.params, self.step,
+                                   self.optimizer_def.state_to_dict(self.opt_state))
 
-  def restore_state_dict(self, state_dict, optimizer_def) -> 'TrainState':
+  def restore_state_dict(self, state_dict) -> 'TrainState':
     """A new TrainState from a state dict, using `self` as the structural template."""
-    step = state_dict['state']['step']
-    opt_state = optimizer_def.state_from_dict(self.opt_state,
-                                              state_dict['state']['param_states'], step)
-    return TrainState(step=jnp.asarray(step, jnp.int32), params=state_dict['target'],
-                      opt_state=opt_state)
+    step = formats.step_of(state_dict)
+    opt_state = self.optimizer_def.state_from_dict(
+        self.opt_state, formats.param_states_of(state_dict), step)
+    return self.replace(step=jnp.asarray(step, jnp.int32),
+                        params=formats.params_of(state_dict), opt_state=opt_state)
 
 
 @dataclasses.dataclass
@@ -56,8 +59,7 @@ class StateLayout:
   shardings: TrainState  # NamedShardings
 
   def abstract_with_shardings(self):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self.abstract, self.shardings)
+    return layout_lib.with_shardings(self.abstract, self.shardings)
 
 
 def _is_spec(x):
@@ -104,12 +106,12 @@ class Trainer:
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     opt_mesh_specs = self.optimizer_def.state_partition_specs(param_mesh_specs,
                                                               abstract_params)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                          opt_state=abstract_opt)
-    mesh_specs = TrainState(step=PartitionSpec(), params=param_mesh_specs,
-                            opt_state=opt_mesh_specs)
+    state = functools.partial(TrainState, optimizer_def=self.optimizer_def)
+    abstract = state(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                     opt_state=abstract_opt)
+    mesh_specs = state(step=PartitionSpec(), params=param_mesh_specs, opt_state=opt_mesh_specs)
     shardings = jax.tree.map(self.partitioner.sharding, mesh_specs, is_leaf=_is_spec)
-    logical_specs = TrainState(step=PartitionSpec(), params=logical, opt_state=opt_mesh_specs)
+    logical_specs = state(step=PartitionSpec(), params=logical, opt_state=opt_mesh_specs)
     return StateLayout(abstract, logical_specs, shardings)
 
   def init_state(self, rng) -> TrainState:
@@ -120,7 +122,7 @@ class Trainer:
       params = self.init_params(rng)
       params, _ = delta_lib.split(self.delta, params)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.tx.init(params))
+                        opt_state=self.tx.init(params), optimizer_def=self.optimizer_def)
     with self.partitioner.context():
       return jax.jit(init, out_shardings=self.layout.shardings)(rng)
 
@@ -149,7 +151,8 @@ class Trainer:
     with self.partitioner.context():
       opt_state = jax.jit(self.tx.init, out_shardings=self.layout.shardings.opt_state)(params)
     step = jax.device_put(jnp.asarray(step, jnp.int32), self.layout.shardings.step)
-    return TrainState(step=step, params=params, opt_state=opt_state)
+    return TrainState(step=step, params=params, opt_state=opt_state,
+                      optimizer_def=self.optimizer_def)
 
   # ----------------------------------------------------------------------- steps
   def batch_shardings(self, batch_spec: Mapping[str, Any]):
@@ -207,7 +210,7 @@ class Trainer:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = {**metrics, 'nonfinite_steps': 1 - finite.astype(jnp.int32)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def compile_train_step(self, batch_spec: Mapping[str, Any]):
     """jit(state, frozen, batch, rng) with explicit shardings; the old state's buffers are

@@ -67,34 +67,61 @@ def unflatten(flat: Mapping) -> dict:
   return traverse_util.unflatten_dict(dict(flat), sep=SEP)
 
 
-def make_state_dict(target: dict, step: int = 0, param_states: Optional[dict] = None) -> dict:
-  state = {'step': int(step)}
+# ----------------------------------------------------------------------------- the state dict
+#
+# The one place that knows t5x's layout. Leaves may be numpy, jax arrays or ShapeDtypeStructs
+# (a TrainState's abstract layout goes through the same functions).
+
+TARGET = 'target'  # the parameters' key (an orbax partial restore names it alone)
+
+def make_state_dict(target, step=0, param_states=None) -> dict:
+  """{'target': target, 'state': {'step': step[, 'param_states': param_states]}}; the
+  optimizer state is left out when there is none (None or empty)."""
+  state = {'step': step}
   if param_states:
     state['param_states'] = param_states
-  return {'target': target, 'state': state}
+  return {TARGET: target, 'state': state}
+
+
+def params_of(state_dict: dict):
+  """The parameter tree (t5x's 'target')."""
+  return state_dict[TARGET]
+
+
+def step_of(state_dict: dict):
+  """The step as stored (a number or an array); 0 when the state dict has none."""
+  return (state_dict.get('state') or {}).get('step', 0)
+
+
+def param_states_of(state_dict: dict):
+  """The optimizer state (per-parameter slots), or None when the checkpoint has none."""
+  return (state_dict.get('state') or {}).get('param_states') or None
+
+
+def with_params(state_dict: dict, target) -> dict:
+  """The same state dict with other parameters (cast, merged, ...)."""
+  return {**state_dict, TARGET: target}
+
+
+# Full state-dict names, as in t5x's assignment maps and error messages:
+# 'target/encoder/layers_0/attention/query/kernel', 'state/param_states/.../v_row'.
+TARGET_PREFIX = TARGET + SEP
+PARAM_STATES_PREFIX = 'state' + SEP + 'param_states' + SEP
 
 
 def cast_floating(tree, dtype: Optional[str]):
-  """Casts floating leaves (numpy) to dtype ('float32', 'bfloat16'); others stay."""
+  """Casts floating leaves to dtype ('float32', 'bfloat16'); others stay. numpy leaves stay
+  on the host, jax arrays on their devices (and shardings)."""
   if dtype is None:
     return tree
-  dt = np.dtype(_dtype(dtype))
+  import jax
+  import jax.numpy as jnp  # knows 'bfloat16' (via ml_dtypes)
+  dt = jnp.dtype(dtype)
 
   def cast(x):
-    x = np.asarray(x)
-    return x.astype(dt) if _is_floating(x.dtype) and x.dtype != dt else x
-  return traverse_util.unflatten_dict(
-      {k: cast(v) for k, v in traverse_util.flatten_dict(tree).items()}) if tree else tree
-
-
-def _dtype(name):
-  import jax.numpy as jnp  # knows 'bfloat16' (via ml_dtypes)
-  return jnp.dtype(name)
-
-
-def _is_floating(dtype) -> bool:
-  import jax.numpy as jnp
-  return jnp.issubdtype(dtype, jnp.floating)
+    x = x if hasattr(x, 'astype') else np.asarray(x)
+    return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+  return jax.tree.map(cast, tree)
 
 
 def infer_config(flat_param_shapes: Mapping[str, tuple], **overrides):

@@ -39,10 +39,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from t5tpu import errors, initial_checkpoint, model_shapes, network, storage
+from t5tpu import errors, model_shapes, network, storage
 from t5tpu.formats import detect
 from t5tpu.formats import (CheckpointNotFoundError, OutputExistsError, cast_floating, flatten,
-                           infer_config, model_param_shapes, unflatten)
+                           infer_config, make_state_dict, model_param_shapes,
+                           param_states_of, params_of, step_of, unflatten)
 
 log = logging.getLogger('t5tpu.convert')
 FORMATS = ('hf', 't5x_legacy', 'orbax', 'peft')
@@ -88,29 +89,15 @@ def resolve_source(path: str) -> str:
 
 def config_from_gin(spec: str) -> network.T5Config:
   """T5Config of a model gin: a name ('t5_1_1/base'), a gin/ path or any gin file."""
-  from t5tpu.gin_utils import gin_config_dir
   named = model_shapes.named_configs()
   key = spec[:-len('.gin')] if spec.endswith('.gin') else spec
   key = key.split('models/', 1)[-1]
   if key in named:
-    return _without_macros(named[key])
+    return named[key]
   if not os.path.exists(spec):
     raise ModelGinNotFoundError(f'--model_gin={spec}: neither a file nor one of '
                                 f'{sorted(named)}')
-  fields = {}
-  # model_shapes' text reader: no gin state, includes resolved against gin/
-  for k, v in model_shapes._read_bindings(spec, gin_config_dir()).items():  # pylint: disable=protected-access
-    if k in network.T5Config.__dataclass_fields__ and not (
-        isinstance(v, str) and v.startswith('%')):
-      fields[k] = tuple(v) if k == 'mlp_activations' else v
-  return network.T5Config(**fields)
-
-
-def _without_macros(cfg: network.T5Config) -> network.T5Config:
-  """Fields a gin file leaves to a macro (DROPOUT_RATE = %gin.REQUIRED) take the default."""
-  defaults = {f.name: f.default for f in dataclasses.fields(network.T5Config)}
-  return dataclasses.replace(cfg, **{k: defaults[k] for k, v in dataclasses.asdict(cfg).items()
-                                     if isinstance(v, str) and v.startswith('%')})
+  return model_shapes.config_from_gin_file(spec)
 
 
 def read(path: str, model_gin: Optional[str] = None):
@@ -126,10 +113,10 @@ def read(path: str, model_gin: Optional[str] = None):
   if model_gin:
     cfg = config_from_gin(model_gin)
   elif cfg is None:
-    cfg = infer_config({k: np.shape(v) for k, v in flatten(state['target']).items()})
+    cfg = infer_config({k: np.shape(v) for k, v in flatten(params_of(state)).items()})
   # The one mismatch error of INITIAL_CHECKPOINT_PATH, if the gin does not fit.
-  initial_checkpoint.check_compatible(model_param_shapes(cfg), flatten(state['target']),
-                                      path=src)
+  model_shapes.check_compatible(model_param_shapes(cfg), flatten(params_of(state)),
+                                path=src)
   return state, cfg, src
 
 
@@ -156,15 +143,15 @@ def read_delta(path: str, base: Optional[str]) -> tuple:
   if record is None:
     return base, None
   from t5tpu import checkpoints
-  params = flatten(checkpoints.read_state_dict(src)['target'])
+  params = flatten(params_of(checkpoints.read_state_dict(src)))
   return base or record.path, Delta(record.delta_config(), params, src)
 
 
 def merge_delta(state: dict, cfg: network.T5Config, d: 'Delta') -> dict:
   """The base state dict with the delta merged into its parameters (no optimizer state)."""
   from t5tpu.delta import base as delta_base
-  merged = delta_base.merge_into_base(d.config, flatten(state['target']), d.params)
-  return {'target': unflatten(merged), 'state': {'step': 0}}
+  merged = delta_base.merge_into_base(d.config, flatten(params_of(state)), d.params)
+  return make_state_dict(unflatten(merged))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -205,22 +192,20 @@ def write(state: dict, cfg: network.T5Config, to: str, to_format: str, *,
   """Writes a state dict in `to_format`; returns the path written."""
   if to_format not in FORMATS:
     raise ValueError(f'to_format={to_format!r}: choose one of {FORMATS}')
-  target = cast_floating(state['target'], dtype)  # like t5x's save dtype: parameters only
+  target = cast_floating(params_of(state), dtype)  # like t5x's save dtype: parameters only
   if to_format == 'hf':
     from t5tpu.formats import hf
     if storage.exists(storage.join(to, hf.CONFIG_NAME)) and not overwrite:
       raise OutputExistsError(f'{to} already holds a Hugging Face model (--overwrite replaces '
                               'it)')
     return hf.write(to, target, cfg)
-  step = int(state.get('state', {}).get('step', 0))
-  param_states = None if params_only else state.get('state', {}).get('param_states')
+  step = int(np.asarray(step_of(state)))
+  param_states = None if params_only else param_states_of(state)
   if param_states is None and not params_only:
     log.info('the source has no optimizer state: adding the zero Adafactor state t5x starts '
              'from (use --params_only to leave it out)')
     param_states = adafactor_zeros(target)
-  out = {'target': target, 'state': {'step': step}}
-  if param_states:
-    out['state']['param_states'] = param_states
+  out = make_state_dict(target, step, param_states)
   if to_format == 't5x_legacy':
     from t5tpu.formats import t5x_legacy
     kwargs = {} if zarr_min_bytes is None else {'zarr_min_bytes': zarr_min_bytes}
@@ -307,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
       log.warning('no tokenizer written (weights only): add --vocab=<the SentencePiece model '
                   'the run trained with> to serve text with AutoTokenizer')
-  step = int(state.get('state', {}).get('step', 0))
+  step = int(np.asarray(step_of(state)))
   print(f'{src} -> {out} ({args.to_format}, step {step}): {model_shapes.describe(cfg)}')
 
 

@@ -206,9 +206,7 @@ def local_dir(path: str) -> str:
   from t5tpu.formats import hub
   if hub.is_hub(path):
     return hub.resolve(path)
-  cache = os.environ.get('T5TPU_CACHE_DIR',
-                         os.path.join(tempfile.gettempdir(), 't5tpu-cache'))
-  return storage.local_copy_dir(path.rstrip('/'), os.path.join(cache, 'hf'))
+  return storage.local_copy(path.rstrip('/'))  # under $T5TPU_CACHE, as every gs:// read
 
 
 def weight_files(directory: str) -> list[str]:
@@ -273,11 +271,6 @@ def _load_torch(path: str) -> dict:
 
 # ----------------------------------------------------------------------------- read
 
-def read_config(path: str, dtype: str = 'bfloat16') -> network.T5Config:
-  """The T5Config of the HF model directory `path`, with its output layer as stored."""
-  return _read(path, dtype)[1]
-
-
 def read(path: str) -> dict:
   """The HF model directory `path` (local or gs://) as t5x's state dict (step 0)."""
   return _read(path)[0]
@@ -307,7 +300,7 @@ def read_config_json(path: str, dtype: str = 'bfloat16') -> network.T5Config:
   """The T5Config the config.json of the HF model `path` describes, without reading weights.
 
   Its output layer follows config.json (tie_word_embeddings / scale_decoder_outputs); only a
-  T5 1.0 file with a separate lm_head differs in the weights (see `read_config`).
+  T5 1.0 file with a separate lm_head differs in the weights (see `read_with_config`).
   """
   return _config_json(path, dtype)[0]
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from t5tpu import storage
 from t5tpu.formats import (COPY_AGAIN, CheckpointReadError, describe_error, make_state_dict,
-                           unflatten)
+                           param_states_of, step_of, unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ def read_variables(prefix: str) -> dict:
 def read(prefix: str) -> dict:
   """The MTF checkpoint `prefix` (local or gs://, e.g. .../model.ckpt-1000000)."""
   state = translate(read_variables(prefix))
-  log.info('read MTF checkpoint %s (step %d%s)', prefix, state['state']['step'],
-           ', with Adafactor slots' if 'param_states' in state['state'] else '')
+  log.info('read MTF checkpoint %s (step %d%s)', prefix, step_of(state),
+           ', with Adafactor slots' if param_states_of(state) is not None else '')
   return state
 
 

@@ -23,14 +23,15 @@ import os
 import posixpath
 import re
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from flax import traverse_util
 
 from t5tpu import storage
 from t5tpu.formats import (COPY_AGAIN, CheckpointReadError, OutputExistsError, describe_error,
-                           flatten, unflatten)
+                           flatten, make_state_dict, param_states_of, params_of, step_of,
+                           unflatten)
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,7 @@ def read(path: str) -> dict:
 
   tree = unflatten({k: (np.asarray(v) if not isinstance(v, (str, bytes)) else v)
                     for k, v in flat.items()})
-  state = tree.get('state', {}) or {}
-  out_state: dict[str, Any] = {'step': int(np.asarray(state.get('step', 0)))}
-  if state.get('param_states'):
-    out_state['param_states'] = state['param_states']
-  return {'target': tree['target'], 'state': out_state}
+  return make_state_dict(params_of(tree), int(np.asarray(step_of(tree))), param_states_of(tree))
 
 
 def _result(future, path: str, name: str, folder: str):
@@ -218,10 +215,9 @@ def write(path: str, state_dict: dict, *,
   work_dir = path if remote else f'{path}.tmp-{int(time.time())}-{os.getpid()}'
   storage.makedirs(work_dir)
 
-  state = state_dict.get('state', {}) or {}
-  tree = {'target': state_dict['target'],
-          'state': {'step': np.asarray(int(np.asarray(state.get('step', 0))), np.int32),
-                    'param_states': state.get('param_states') or {}}}
+  tree = make_state_dict(params_of(state_dict),
+                         np.asarray(int(np.asarray(step_of(state_dict))), np.int32))
+  tree['state']['param_states'] = param_states_of(state_dict) or {}  # always there in the file
   flat = {k: np.asarray(v) for k, v in flatten(tree).items()}
   opening = []
   for name, array in list(flat.items()):

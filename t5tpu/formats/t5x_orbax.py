@@ -18,7 +18,7 @@ import numpy as np
 from t5tpu import checkpoints as ckpt_lib
 from t5tpu import storage
 from t5tpu.formats import (COPY_AGAIN, CheckpointReadError, OutputExistsError, describe_error,
-                           make_state_dict)
+                           make_state_dict, param_states_of, params_of, step_of)
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
@@ -68,9 +68,7 @@ def read_tree(path: str) -> dict:
 def read(path: str) -> dict:
   """`checkpoint_<step>` (the directory holding `state/`) as a numpy state dict."""
   tree = read_tree(path)
-  state = tree.get('state', {}) or {}
-  return make_state_dict(tree['target'], int(np.asarray(state.get('step', 0))),
-                         state.get('param_states') or None)
+  return make_state_dict(params_of(tree), int(np.asarray(step_of(tree))), param_states_of(tree))
 
 
 def write(path: str, state_dict: dict) -> str:
@@ -81,8 +79,7 @@ def write(path: str, state_dict: dict) -> str:
   (t5x's item) and an empty `dataset` item, so t5tpu can also resume from it.
   """
   import orbax.checkpoint as ocp
-  state = state_dict.get('state', {}) or {}
-  step = int(np.asarray(state.get('step', 0)))
+  step = int(np.asarray(step_of(state_dict)))
   path = path.rstrip('/')
   name = os.path.basename(path)
   m = _STEP_DIR.match(name)
@@ -92,9 +89,8 @@ def write(path: str, state_dict: dict) -> str:
     model_dir = path[:-len(name)].rstrip('/') or '.'
   else:
     model_dir = path
-  tree = {'target': state_dict['target'], 'state': {'step': np.asarray(step, np.int32)}}
-  if state.get('param_states'):
-    tree['state']['param_states'] = state['param_states']
+  tree = make_state_dict(params_of(state_dict), np.asarray(step, np.int32),
+                         param_states_of(state_dict))
   storage.makedirs(model_dir)
   options = ocp.CheckpointManagerOptions(step_prefix=ckpt_lib.STEP_PREFIX, create=True,
                                          enable_async_checkpointing=False)

@@ -216,7 +216,7 @@ class Study:
     # TRAIN_STEPS is absolute: full fine-tuning continues the base's step counter (t5x's way),
     # a delta run counts from 0. Curves and steps are reported from the run's own start.
     from t5tpu import initial_checkpoint
-    start = initial_checkpoint.checkpoint_step(base) if METHOD_GINS[method] is None else 0
+    start = (initial_checkpoint.checkpoint_step(base) or 0) if METHOD_GINS[method] is None else 0
     self._configure(gins, [
         f'MODEL_DIR = {_gin_value(model_dir)}', f'MIXTURE_OR_TASK_NAME = {_gin_value(task)}',
         f'INITIAL_CHECKPOINT_PATH = {_gin_value(base)}',
@@ -299,7 +299,7 @@ class Study:
     from t5tpu import early_stopping, evaluation, initial_checkpoint
     from t5tpu.delta import base as delta_base
     checkpoint = early_stopping.resolve(checkpoint)
-    step = initial_checkpoint.checkpoint_step(checkpoint)
+    step = initial_checkpoint.checkpoint_step(checkpoint) or 0  # ours: checkpoint_<N>
     with _quiet():
       eval_model, layout, params = delta_base.load_for_inference(
           checkpoint, model, partitioner, ckpt_lib.RestoreCheckpointConfig(path=checkpoint))

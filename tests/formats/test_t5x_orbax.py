@@ -43,13 +43,51 @@ def test_reads_t5x_orbax_checkpoint(tmp_path, fixture_state, use_ocdbt):
   common.assert_trees_equal(again, state)
 
 
+@pytest.mark.parametrize('use_ocdbt', [True, False], ids=['ocdbt', 'per_array'])
+def test_initial_checkpoint_restores_in_place(tmp_path, fixture_state, use_ocdbt, monkeypatch,
+                                              caplog):
+  """A t5x orbax checkpoint of the model and its optimizer goes straight into its shards:
+  the host state-dict reader (a full copy of the model in host memory) is never called."""
+  state = dict(fixture_state, state=dict(fixture_state['state'], step=1000))
+  path = t5x_style_save(tmp_path, state, use_ocdbt)
+  trainer = common.make_trainer(common.named('t5_1_1/tiny', dtype='float32'))
+
+  def no_host_copy(path):
+    raise AssertionError(f'{path} was read into host memory')
+  monkeypatch.setattr(initial_checkpoint, 'read_state_dict', no_host_copy)
+  with caplog.at_level(logging.INFO, logger='t5tpu.initial_checkpoint'):
+    restored = initial_checkpoint.load(path, trainer)
+  assert 'in place' in caplog.text
+  assert int(restored.step) == 1000 and int(restored.opt_state.count) == 1000
+  got = jax.device_get(restored.state_dict())
+  common.assert_trees_equal(got['target'], state['target'])
+  common.assert_trees_equal(got['state']['param_states'], state['state']['param_states'])
+  # every array in a buffer of its own: the train step donates the state
+  buffers = [shard.data.unsafe_buffer_pointer() for x in jax.tree.leaves(restored)
+             for shard in x.addressable_shards]
+  assert len(set(buffers)) == len(buffers)
+
+
+def test_initial_checkpoint_of_another_optimizer_matches_names(tmp_path, fixture_state):
+  """Adafactor slots for an AdamW run: not restorable in place; the parameters still are
+  (through the name-matching path), the optimizer state starts fresh at the step."""
+  from t5tpu import optimizers
+  path = t5x_orbax.write(str(tmp_path / 'run'), fixture_state)
+  trainer = common.make_trainer(common.named('t5_1_1/tiny', dtype='float32'),
+                                optimizers.AdamW())
+  restored = initial_checkpoint.load(path, trainer)
+  common.assert_trees_equal(jax.device_get(restored.params), fixture_state['target'])
+  assert all(not np.any(np.asarray(x)) for x in
+             jax.tree.leaves(restored.opt_state) if np.ndim(x) > 0)
+
+
 def test_written_checkpoint_resumes_in_t5tpu(tmp_path, fixture_state):
   out = t5x_orbax.write(str(tmp_path / 'run'), fixture_state)
   assert out == str(tmp_path / 'run' / 'checkpoint_0')
   common.assert_trees_equal(t5x_orbax.read(out), fixture_state)
   # a MODEL_DIR t5tpu resumes from: state and (empty) dataset items
   trainer = common.make_trainer(common.named('t5_1_1/tiny', dtype='float32'))
-  ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), trainer.optimizer_def,
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'),
                                   checkpoints.SaveCheckpointConfig(async_save=False))
   state, dataset = ckpt.restore(0, trainer.layout.abstract, trainer.layout.shardings)
   ckpt.close()
