@@ -27,6 +27,7 @@ from t5tpu import errors
 from t5tpu import initial_checkpoint
 from t5tpu import layout as layout_lib
 from t5tpu import model_dir_lock
+from t5tpu import model_shapes
 from t5tpu import models
 from t5tpu import partitioning
 from t5tpu import storage
@@ -147,7 +148,7 @@ def _check_fits(trainer: trainer_lib.Trainer, path: str, shapes: dict) -> None:
       trainer.layout.abstract.params, sep='/').items()}  # the trainable part: a delta's
   # Shape-only stand-ins (no memory): the check reads shapes, the values are never needed.
   ckpt = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
-  initial_checkpoint.check_compatible(model, ckpt, path=path)
+  model_shapes.check_compatible(model, ckpt, path=path)
 
 
 def restore_or_init(trainer: trainer_lib.Trainer, checkpointer: ckpt_lib.Checkpointer,
@@ -327,6 +328,7 @@ class StepLog:
       self.bar.set_postfix(loss=f"{summary['cross_ent_loss_per_token']:.3f}",
                            acc=f"{summary['accuracy']:.3f}",
                            tok_s=f"{rates['tokens_per_second']:.0f}",
+                           real_tok_s=f"{rates['nonpad_tokens_per_second']:.0f}",
                            **({'mfu': f"{rates['mfu']:.1%}"} if 'mfu' in rates else {}))
     self.pending, self.checked = [], 0
     self.pending_first_step = step + 1
@@ -447,8 +449,7 @@ def _train_locked(run: Run):
                                 run.num_microbatches, input_shapes,
                                 skip_nonfinite_steps=run.skip_nonfinite)
   protect = (lambda: run.early_stopping.best_step) if run.early_stopping.enabled else None
-  checkpointer = ckpt_lib.Checkpointer(run.model_dir, run.model.optimizer_def, run.save_cfg,
-                                       protected_step=protect)
+  checkpointer = ckpt_lib.Checkpointer(run.model_dir, run.save_cfg, protected_step=protect)
   try:
     start = restore_or_init(trainer, checkpointer, run.restore_cfg, run.random_seed)
     run.early_stopping.restore(start.loop_state.get('early_stopping'))
@@ -493,53 +494,63 @@ def _total_steps(run: Run, start: Start, start_step: int, trainer) -> int:
   return total
 
 
-def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline,
-          start_step: int, total_steps: int):
-  state = start.state
-  tracker = run.early_stopping
-  first_step = int(start.loop_state.get('first_step', start_step))
-  inference_evaluator = None
-  if run.infer_eval_dataset_cfg is not None and run.inference_evaluator_cls is not None:
-    inference_evaluator = run.inference_evaluator_cls(
-        model=run.model, layout=trainer.params_layout, dataset_cfg=run.infer_eval_dataset_cfg,
-        log_dir=run.model_dir)
+class _Actions:
+  """The loop's periodic actions: evaluations (with early stopping's bookkeeping) and saves."""
 
-  def run_evals(step) -> bool:
+  def __init__(self, run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline,
+               start_step: int):
+    self.run, self.trainer, self.checkpointer = run, trainer, checkpointer
+    self.start, self.pipeline, self.start_step = start, pipeline, start_step
+    self.tracker = run.early_stopping
+    self.first_step = int(start.loop_state.get('first_step', start_step))
+    self.inference_evaluator = None
+    if run.infer_eval_dataset_cfg is not None and run.inference_evaluator_cls is not None:
+      self.inference_evaluator = run.inference_evaluator_cls(
+          model=run.model, layout=trainer.params_layout,
+          dataset_cfg=run.infer_eval_dataset_cfg, log_dir=run.model_dir)
+
+  def evaluate(self, step: int, state) -> bool:
     """Evaluates; True when this step is early stopping's new best."""
+    run = self.run
     if run.train_eval_dataset_cfg is not None:
       from t5tpu import evaluation
-      evaluation.run_train_eval(trainer, state.params, run.train_eval_dataset_cfg,
+      evaluation.run_train_eval(self.trainer, state.params, run.train_eval_dataset_cfg,
                                 run.eval_steps, step, run.model_dir)
-    if inference_evaluator is None:
+    if self.inference_evaluator is None:
       return False
-    results = inference_evaluator.evaluate(trainer.full_params(state.params), step)
+    results = self.inference_evaluator.evaluate(self.trainer.full_params(state.params), step)
+    tracker = self.tracker
     return tracker.enabled and _share(tracker.update(step, results) if
                                       distributed.is_primary() else False, tracker)
 
+  def save(self, step: int, state, best: bool) -> None:
+    """A checkpoint with the input position and the loop's own state; the best pointer."""
+    loop_state = {'first_step': self.first_step, 'early_stopping': self.tracker.state()}
+    if self.start.delta_base is not None:
+      loop_state['delta_base'] = self.start.delta_base.to_dict()
+    position = self.start.position + (step - self.start_step)
+    self.checkpointer.save(state, {**self.pipeline.state(position), **loop_state})
+    if best:
+      _write_best(self.run, self.checkpointer, self.tracker)
+
+
+def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline,
+          start_step: int, total_steps: int):
+  state, actions = start.state, _Actions(run, trainer, checkpointer, start, pipeline, start_step)
   if total_steps == start_step:
     log.warning('nothing to do: the checkpoint is already at TRAIN_STEPS=%d. Raise '
                 'TRAIN_STEPS to train further.', total_steps)
     if run.run_eval_before_training:
-      run_evals(start_step)
+      actions.evaluate(start_step, state)
     return state
   if run.run_eval_before_training and not start.resumed:
-    run_evals(start_step)  # (a resumed run skips this: its step was evaluated before)
+    actions.evaluate(start_step, state)  # (a resumed run skips this: evaluated before)
 
-  period = run.save_cfg.period
-  base_rng = jax.random.PRNGKey(start.seed)
+  period, base_rng = run.save_cfg.period, jax.random.PRNGKey(start.seed)
   steplog = StepLog(summaries.SummaryWriter(storage.join(run.model_dir, 'train')),
                     run.learning_rate_fn, run.train_dataset_cfg.batch_size, run.lengths,
                     run.model.config, start_step, total_steps, run.skip_nonfinite)
-
-  def save(step):
-    steplog.check_finite(checkpointer.latest_saved)  # nothing non-finite is saved
-    loop_state = {'first_step': first_step, 'early_stopping': tracker.state()}
-    if start.delta_base is not None:
-      loop_state['delta_base'] = start.delta_base.to_dict()
-    data_state = {**pipeline.state(start.position + (step - start_step)), **loop_state}
-    checkpointer.save(state, data_state)
-
-  step, config_written, stop = start_step, False, None
+  step, stop = start_step, None
   try:
     with _Preemption() as preemption:
       while step < total_steps and stop is None:
@@ -551,9 +562,8 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
         state, metrics = trainer.train_step(state, batch, base_rng)
         step += 1
         steplog.add(metrics)
-        if not config_written:
+        if step == start_step + 1:
           write_operative_config(run.model_dir)
-          config_written = True
         stop = 'sigterm' if preemption.requested else None
         is_last = step == total_steps
         if step % run.log_period == 0 or is_last:
@@ -561,23 +571,24 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
         best = False
         # Evaluate before saving: the checkpoint then holds early stopping's count of it.
         if run.eval_period and (step % run.eval_period == 0 or is_last) and not stop:
-          best = run_evals(step)
-          if tracker.should_stop():
-            stop = 'early'
+          best = actions.evaluate(step, state)
+          stop = 'early' if actions.tracker.should_stop() else None
         if (period and step % period == 0) or is_last or stop or best:
-          save(step)
-        if best:
-          _write_best(run, checkpointer, tracker)
+          steplog.check_finite(checkpointer.latest_saved)  # nothing non-finite is saved
+          actions.save(step, state, best)
     if stop == 'data':
       _end_of_data(step, start_step, run.train_dataset_cfg)
       steplog.flush(step, checkpointer.latest_saved)
-      best = bool(run.eval_period) and run_evals(step)
-      save(step)
-      if best:
-        _write_best(run, checkpointer, tracker)
+      steplog.check_finite(checkpointer.latest_saved)
+      actions.save(step, state, bool(run.eval_period) and actions.evaluate(step, state))
   finally:
     steplog.close()
   write_operative_config(run.model_dir)
+  _log_end(run, actions.tracker, stop, step)
+  return state
+
+
+def _log_end(run: Run, tracker, stop: Optional[str], step: int) -> None:
   if stop == 'sigterm':
     log.warning('stopped by SIGTERM at step %d; rerun the same command to continue', step)
   elif stop == 'early':
@@ -587,7 +598,6 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
                 ckpt_lib.step_dir(run.model_dir, tracker.best_step))
   else:
     log.info('done: step %d, checkpoints in %s', step, run.model_dir)
-  return state
 
 
 def _share(improved: bool, tracker) -> bool:
@@ -627,10 +637,9 @@ def _end_of_data(step: int, start_step: int, cfg: data_lib.DatasetConfig) -> Non
 
 @errors.report_user_errors
 def main(argv: Sequence[str]) -> None:
-  import gin
   from t5tpu import gin_utils
-  gin_utils.setup(argv, 'Train or fine-tune a T5 model (t5x-compatible gin configs).')
-  gin.get_configurable(train)()
+  gin_utils.run_configured(train, argv,
+                           'Train or fine-tune a T5 model (t5x-compatible gin configs).')
 
 
 if __name__ == '__main__':
