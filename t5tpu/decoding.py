@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from t5tpu.network import Transformer
 
@@ -29,9 +30,10 @@ def _encode(model, params, batch):
                             batch.get('encoder_segment_ids'), method=Transformer.encode)
 
 
-def _init_cache(model, params, encoded, encoder_tokens, max_len):
-  """Zeroed self-attention caches and the cross-attention keys/values, for this batch."""
-  dummy = jnp.zeros((encoder_tokens.shape[0], max_len), jnp.int32)
+def _init_cache(model, params, encoded, encoder_tokens, max_len, rows=None):
+  """Zeroed self-attention caches (`rows` of them: one per sequence decoded, default one per
+  example) and the cross-attention keys/values (one per example)."""
+  dummy = jnp.zeros((rows or encoder_tokens.shape[0], max_len), jnp.int32)
   _, variables = model.module.apply(
       {'params': params}, encoded, encoder_tokens, dummy, decode=True, mutable=['cache'],
       method=Transformer.decode)
@@ -111,6 +113,16 @@ def _gather_beams(tree, beam_indices, batch_size, old_beams, new_beams):
   return jax.tree.map(gather_flat, tree)
 
 
+def _reorder_cache(cache, beam_indices, batch_size, beams):
+  """The decoder cache after beam selection. Self-attention caches follow their beams; the
+  cross-attention keys and values are the example's, shared by its beams, and stay."""
+  flat = traverse_util.flatten_dict(cache)
+  return traverse_util.unflatten_dict({
+      path: value if 'encoder_decoder_attention' in path else
+      _gather_beams(value, beam_indices, batch_size, beams, beams)
+      for path, value in flat.items()})
+
+
 def beam_search(model, params, batch, max_decode_length: int, num_decodes: int = 4,
                 alpha: float = 0.6, eos_id: int = EOS_ID):
   """Beam search with t5x's brevity penalty. Returns (tokens [b, k, L], scores [b, k]).
@@ -122,10 +134,9 @@ def beam_search(model, params, batch, max_decode_length: int, num_decodes: int =
   enc_tokens = batch['encoder_input_tokens']
   b = enc_tokens.shape[0]
   encoded = _encode(model, params, batch)
-  # Every beam carries its own copy of the encoder output and caches: [b*k, ...].
-  tile = lambda x: jnp.repeat(x, k, axis=0)
-  encoded, enc_tokens = tile(encoded), tile(enc_tokens)
-  cache = _init_cache(model, params, encoded, enc_tokens, L)
+  # Each beam has its own self-attention cache, [b*k, ...]; the beams of an example share its
+  # encoder output and cross-attention keys/values, [b, ...] (network.MultiHeadAttention).
+  cache = _init_cache(model, params, encoded, enc_tokens, L, rows=b * k)
 
   live_seqs = jnp.zeros((b, k, L), jnp.int32)
   # Only beam 0 is alive at the start, so the first step does not pick k copies of one token.
@@ -161,7 +172,7 @@ def beam_search(model, params, batch, max_decode_length: int, num_decodes: int =
     new_live_logprobs, live_pick = jax.lax.top_k(live_cand, k)
     new_live_seqs = jnp.take_along_axis(top_seqs, live_pick[:, :, None], axis=1)
     beams_of_live = jnp.take_along_axis(top_beams, live_pick, axis=1)
-    cache = _gather_beams(cache, beams_of_live, b, k, k)
+    cache = _reorder_cache(cache, beams_of_live, b, k)
 
     # Finished: merge those that just ended with the previous finished set, keep the best k.
     new_scores = jnp.where(is_eos, top_logprobs / brevity_penalty(alpha, i + 1), NEG_INF)

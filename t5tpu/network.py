@@ -234,6 +234,11 @@ class MultiHeadAttention(nn.Module):
     key, value, bias = delta_modules.add_prefix(self.delta, key, value, bias, self.num_heads,
                                                 self.head_dim)
 
+    # Beam search: the beams of an example (query rows b*k, beam-major within the example)
+    # share one copy of its encoder keys/values (b rows) and attend as k x q query positions.
+    q_rows, kv_rows = query.shape[0], key.shape[0]
+    if q_rows != kv_rows:
+      query = query.reshape((kv_rows, -1) + query.shape[2:])
     query = _constrain(query, ('batch', 'length', 'heads', 'kv'))
     key = _constrain(key, ('batch', 'length', 'heads', 'kv'))
     value = _constrain(value, ('batch', 'length', 'heads', 'kv'))
@@ -246,7 +251,7 @@ class MultiHeadAttention(nn.Module):
     if not deterministic and self.dropout_rate > 0:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
-    out = out.reshape(out.shape[:-2] + (inner,))
+    out = out.reshape((q_rows, -1, inner))
     return Dense(features=inputs_q.shape[-1], kernel_axes=('joined_kv', 'embed'),
                  dtype=self.dtype, kernel_init=kernel_init, delta=self.delta,
                  name='out')(out, deterministic)
@@ -433,8 +438,10 @@ class Decoder(nn.Module):
                                  decoder_segment_ids, causal=True)
       length = decoder_input_tokens.shape[-1]
       self_bias = relpos(length, length, bidirectional=False) + _mask_to_bias(self_mask)
-      cross_mask = attention_mask(dec_valid, enc_valid, decoder_segment_ids,
-                                  encoder_segment_ids)
+      # The cache-creating call of decoding has a row per beam but one per example on the
+      # encoder side (see MultiHeadAttention): the encoder's validity is all it needs.
+      cross_mask = enc_valid[:, None, None, :] if decode else attention_mask(
+          dec_valid, enc_valid, decoder_segment_ids, encoder_segment_ids)
     cross_bias = _mask_to_bias(cross_mask)
 
     x = self.shared_embedding(decoder_input_tokens)

@@ -77,6 +77,27 @@ def test_beam_search_scores_are_sorted_and_consistent(setup):
   assert (scores[g_fin & finished, 0] >= greedy_score[g_fin & finished] - 1e-4).all()
 
 
+def test_every_beam_is_scored_against_its_own_example(setup):
+  """The beams of an example share its encoder output (one copy, not k): with EOS disabled
+  and no length penalty, each of the k beams of every example scores exactly the
+  teacher-forced log-likelihood of its sequence given that example's input."""
+  model, params, batch = setup
+  seqs, scores = decoding.predict(model, params, batch, method='beam', num_decodes=3,
+                                  alpha=0.0, eos_id=-1, return_scores=True,
+                                  return_all_decodes=True)
+  b, k, length = seqs.shape
+  assert (b, k, length) == (4, 3, 10)
+  flat = seqs.reshape(b * k, length)
+  logits = model.logits(params, {
+      'encoder_input_tokens': jnp.repeat(batch['encoder_input_tokens'], k, axis=0),
+      'decoder_input_tokens': shift_right(flat)})
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits), flat[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(scores).reshape(-1), np.asarray(logp.sum(1)),
+                             rtol=1e-5, atol=1e-4)
+  # and the beams differ: k distinct hypotheses per example
+  assert all(len({tuple(s) for s in np.asarray(seqs[i])}) == k for i in range(b))
+
+
 def test_sampling_respects_topk_and_temperature(setup):
   model, params, batch = setup
   a = decoding.predict(model, params, batch, jax.random.PRNGKey(1), method='sample',
