@@ -1,10 +1,11 @@
 """Train-step throughput: t5tpu vs Hugging Face transformers (PyTorch) on the same workload.
 
   python benchmarks/train_throughput.py --model t5_1_1/small --batch 8 --inputs 128 --targets 32
+  python benchmarks/train_throughput.py --vocab 512     # t5x's own CPU reference workload
 
-Both sides train the same T5 shape on the same random token batches with Adafactor (t5x
-defaults on our side; transformers' Adafactor with a fixed learning rate on theirs), in the
-same process, on whatever device is there (CPU here; CUDA when a GPU is present). Prints a
+Both sides train the same T5 shape on the same random token batches with each optimizer
+(Adafactor: t5x defaults on our side, transformers' Adafactor with a fixed learning rate on
+theirs; AdamW: optax's and torch's), in the same process, on whatever device is there (CPU here; CUDA when a GPU is present). Prints a
 table of step time, tokens/s and MFU, with t5tpu / transformers ratios, and writes JSON.
 MFU = model FLOPs (6 x multiply-accumulates, anchors.md) / step time / peak FLOP/s; on CPU the
 "peak" is the measured float32 matmul throughput of this machine.
@@ -23,6 +24,8 @@ import numpy as np
 def parse():
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--model', default='t5_1_1/small', help='a gin/models name')
+  p.add_argument('--vocab', type=int, default=None,
+                 help="vocabulary size (default: the model gin's, 32128)")
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--inputs', type=int, default=128)
   p.add_argument('--targets', type=int, default=32)
@@ -30,11 +33,12 @@ def parse():
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='auto', help="activation dtype: float32, bfloat16, or "
                  "auto (bfloat16 on accelerators, float32 on CPU)")
-  p.add_argument('--optimizer', default='adafactor', choices=['adafactor', 'adamw'],
+  p.add_argument('--optimizer', default='both', choices=['adafactor', 'adamw', 'both'],
                  help='the same optimizer on both sides (transformers: its Adafactor, or '
-                 'torch AdamW, fused where supported)')
+                 'torch AdamW, fused where supported); both: one row pair each')
   p.add_argument('--skip_hf', action='store_true')
-  p.add_argument('--torch_compile', action='store_true')
+  p.add_argument('--torch_compile', action='store_true',
+                 help='also a row of transformers under torch.compile')
   p.add_argument('--json', default=None, help='write results here')
   return p.parse_args()
 
@@ -47,10 +51,10 @@ def random_batch(rng, batch, inputs, targets, vocab):
           'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones_like(tgt, np.float32)}
 
 
-def bench_t5tpu(cfg, args, batches):
+def bench_t5tpu(cfg, args, batches, optimizer: str):
   import jax
   from t5tpu import data, models, network, optimizers, partitioning, trainer
-  opt = optimizers.Adafactor() if args.optimizer == 'adafactor' else optimizers.AdamW(
+  opt = optimizers.Adafactor() if optimizer == 'adafactor' else optimizers.AdamW(
       max_grad_norm=None)
   model = models.EncoderDecoderModel(module=network.Transformer(cfg), optimizer_def=opt)
   part = partitioning.PjitPartitioner()
@@ -70,7 +74,7 @@ def bench_t5tpu(cfg, args, batches):
   return times[args.warmup:], float(metrics['cross_ent_sum'] / metrics['weight_sum'])
 
 
-def bench_hf(cfg, args, batches):
+def bench_hf(cfg, args, batches, optimizer: str, compile_model: bool = False):
   import torch
   import transformers
   from transformers.optimization import Adafactor
@@ -83,13 +87,13 @@ def bench_hf(cfg, args, batches):
       tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0,
       eos_token_id=1)
   model = transformers.T5ForConditionalGeneration(hc).to(device).train()
-  if args.optimizer == 'adafactor':
+  if optimizer == 'adafactor':
     opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
                     warmup_init=False, clip_threshold=1.0, decay_rate=-0.8)
   else:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
   autocast = cfg.dtype == 'bfloat16'
-  if args.torch_compile:
+  if compile_model:
     model = torch.compile(model)
   tb = [{k: torch.tensor(v).to(device) for k, v in b.items()} for b in batches]
   times = []
@@ -120,36 +124,42 @@ def main():
   cfg = model_shapes.named_configs()[args.model]
   on_cpu = jax.devices()[0].platform == 'cpu'
   dtype = args.dtype if args.dtype != 'auto' else ('float32' if on_cpu else 'bfloat16')
-  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=0.0)
+  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=0.0,
+                            vocab_size=args.vocab or cfg.vocab_size)
   rng = np.random.RandomState(0)
-  batches = [random_batch(rng, args.batch, args.inputs, args.targets, 32000) for _ in range(2)]
+  batches = [random_batch(rng, args.batch, args.inputs, args.targets,
+                          min(cfg.vocab_size, 32000)) for _ in range(2)]
   dev = jax.devices()[0]
   peak = trainer.peak_flops_per_device(dev.device_kind, dev.platform)
   flops = trainer.train_flops_per_example(cfg, args.inputs, args.targets) * args.batch
   tokens = args.batch * (args.inputs + args.targets)
+  opt_names = ['adafactor', 'adamw'] if args.optimizer == 'both' else [args.optimizer]
 
-  rows = {}
-  t, loss = bench_t5tpu(cfg, args, batches)
-  rows['t5tpu (jax)'] = (float(np.median(t)), loss)
-  if not args.skip_hf:
-    t, loss = bench_hf(cfg, args, batches)
-    rows['transformers' + (' + compile' if args.torch_compile else '')] = (float(np.median(t)),
-                                                                           loss)
-  print(f'\n{args.model} ({dtype}, {args.optimizer}), batch {args.batch}, '
+  rows = []  # (optimizer, system, step seconds, first loss)
+  for opt in opt_names:
+    t, loss = bench_t5tpu(cfg, args, batches, opt)
+    rows.append((opt, 't5tpu (jax)', float(np.median(t)), loss))
+    for compiled in ([] if args.skip_hf else [False] + [True] * args.torch_compile):
+      t, loss = bench_hf(cfg, args, batches, opt, compiled)
+      rows.append((opt, 'transformers + compile' if compiled else 'transformers (eager)',
+                   float(np.median(t)), loss))
+  print(f'\n{args.model} ({dtype}, vocab {cfg.vocab_size}), batch {args.batch}, '
         f'{args.inputs}/{args.targets} tokens, '
         f'{dev.device_kind}; {flops / args.batch / 1e9:.2f} GFLOP per example; '
         f'peak {peak / 1e12:.2f} TFLOP/s')
-  print(f"{'system':<26}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'loss/token':>11}")
-  base = rows['t5tpu (jax)'][0]
+  print(f"{'optimizer':<11}{'system':<26}{'step s':>9}{'tokens/s':>10}{'MFU':>8}"
+        f"{'loss/token':>11}{'ratio':>8}")
   results = []
-  for name, (step, loss) in rows.items():
+  for opt, name, step, loss in rows:
     mfu = flops / step / peak if peak else float('nan')
-    print(f'{name:<26}{step:>10.3f}{tokens / step:>12.0f}{mfu:>8.1%}{loss:>11.3f}')
-    results.append({'system': name, 'step_seconds': step, 'tokens_per_second': tokens / step,
-                    'mfu': mfu, 'first_loss': loss})
-  if len(rows) > 1:
-    other = [v for k, v in rows.items() if k != 't5tpu (jax)'][0][0]
-    print(f'ratio t5tpu / transformers tokens/s: {other / base:.2f}x')
+    ours = [r[2] for r in rows if r[0] == opt and r[1] == 't5tpu (jax)'][0]
+    ratio = step / ours  # t5tpu tokens/s over this row's
+    print(f'{opt:<11}{name:<26}{step:>9.3f}{tokens / step:>10.0f}{mfu:>8.1%}{loss:>11.3f}'
+          f'{ratio:>7.2f}x')
+    results.append({'optimizer': opt, 'system': name, 'step_seconds': step,
+                    'tokens_per_second': tokens / step, 'mfu': mfu, 'first_loss': loss,
+                    't5tpu_over_this': ratio})
+  print('ratio: t5tpu tokens/s over the row\'s (same run, same machine; > 1: t5tpu faster)')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'dtype': dtype, 'device': dev.device_kind,

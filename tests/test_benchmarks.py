@@ -1,0 +1,37 @@
+"""The benchmark commands run end to end (tiny shapes, CPU): benchmarks/gpu_suite.sh with
+TINY=1 runs train_throughput.py, max_batch.py and decode_throughput.py against transformers,
+as the GPU run will. Their numbers are not checked here (speed belongs to the benchmarks);
+that each table has both systems and a ratio is."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_suite_runs_every_benchmark_with_tiny_shapes(tmp_path):
+  env = subprocess_env.user_env(TINY='1', OUT=str(tmp_path), PYTHON=sys.executable,
+                                JAX_PLATFORMS='cpu')
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu_suite.sh')], env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+  for name in ('train_base', 'train_large'):
+    rows = json.loads((tmp_path / f'{name}.json').read_text())['results']
+    systems = {r['system'] for r in rows}
+    assert systems == {'t5tpu (jax)', 'transformers (eager)'}, systems
+    assert all(r['tokens_per_second'] > 0 and math.isfinite(r['first_loss']) for r in rows)
+    assert all(r['t5tpu_over_this'] > 0 for r in rows)
+
+  decode = json.loads((tmp_path / 'decode_base.json').read_text())['results']
+  assert [r['decoding'] for r in decode] == ['greedy', 'beam 4']
+  assert all(r['t5tpu_tokens_per_second'] > 0 and r['ratio'] > 0 for r in decode)
+
+  search = json.loads((tmp_path / 'max_batch_xl.json').read_text())
+  assert search['largest_batch'] and search['largest_batch'] % 8 == 0
+  assert search['trials'][-1]['ran']
+  assert 'ratio' in proc.stdout
