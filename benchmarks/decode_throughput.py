@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
+
+import bench_setup  # also puts the repository on sys.path
 
 
 def parse():
@@ -74,17 +74,9 @@ def bench_t5tpu(cfg, args, inputs, beams: int) -> float:
 
 def hf_model(cfg):
   import torch
-  import transformers
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  hc = transformers.T5Config(
-      vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
-      num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
-      num_heads=cfg.num_heads, dropout_rate=0.0,
-      feed_forward_proj='gated-gelu' if len(cfg.mlp_activations) > 1 else 'relu',
-      tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0,
-      eos_token_id=1)
+  model, device = bench_setup.hf_t5(cfg)
   dtype = torch.bfloat16 if cfg.dtype == 'bfloat16' else torch.float32
-  return transformers.T5ForConditionalGeneration(hc).to(device, dtype).eval(), device
+  return model.to(dtype=dtype).eval(), device
 
 
 def bench_hf(model, device, args, inputs, beams: int) -> float:
@@ -105,15 +97,8 @@ def bench_hf(model, device, args, inputs, beams: int) -> float:
 
 def main():
   args = parse()
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-  import dataclasses
   import jax
-  from t5tpu import model_shapes
-  cfg = model_shapes.named_configs()[args.model]
-  on_cpu = jax.devices()[0].platform == 'cpu'
-  dtype = args.dtype if args.dtype != 'auto' else ('float32' if on_cpu else 'bfloat16')
-  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=0.0,
-                            vocab_size=args.vocab or cfg.vocab_size)
+  cfg, dtype = bench_setup.model_config(args)
   inputs = np.random.RandomState(0).randint(
       2, min(cfg.vocab_size, 32000), (args.batch, args.inputs)).astype(np.int32)
   beams = [int(b) for b in args.beams.split(',')]

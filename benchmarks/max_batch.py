@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
 
 import numpy as np
+
+import bench_setup  # also puts the repository on sys.path
 
 GiB = 2 ** 30
 
@@ -159,12 +159,9 @@ def search(cfg, args, limit: int, log=print) -> list:
 
 def main():
   args = parse()
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
   import jax
-  from t5tpu import model_shapes
-  cfg = model_shapes.named_configs()[args.model]
-  cfg = dataclasses.replace(cfg, dtype=args.dtype, dropout_rate=0.0, remat_policy=args.remat,
-                            vocab_size=args.vocab or cfg.vocab_size)
+  cfg, _ = bench_setup.model_config(args)
+  cfg = dataclasses.replace(cfg, remat_policy=args.remat)
   device = jax.devices()[0]
   limit = int(args.memory_gib * GiB) if args.memory_gib else device_memory_bytes(device)
   print(f'{args.model}, {args.optimizer}, {args.dtype} activations, remat {args.remat}, '

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
+
+import bench_setup  # also puts the repository on sys.path
 
 
 def parse():
@@ -76,17 +76,9 @@ def bench_t5tpu(cfg, args, batches, optimizer: str):
 
 def bench_hf(cfg, args, batches, optimizer: str, compile_model: bool = False):
   import torch
-  import transformers
   from transformers.optimization import Adafactor
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  hc = transformers.T5Config(
-      vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
-      num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
-      num_heads=cfg.num_heads, dropout_rate=cfg.dropout_rate,
-      feed_forward_proj='gated-gelu' if len(cfg.mlp_activations) > 1 else 'relu',
-      tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0, pad_token_id=0,
-      eos_token_id=1)
-  model = transformers.T5ForConditionalGeneration(hc).to(device).train()
+  model, device = bench_setup.hf_t5(cfg)
+  model = model.train()
   if optimizer == 'adafactor':
     opt = Adafactor(model.parameters(), lr=1e-3, relative_step=False, scale_parameter=True,
                     warmup_init=False, clip_threshold=1.0, decay_rate=-0.8)
@@ -117,15 +109,9 @@ def bench_hf(cfg, args, batches, optimizer: str, compile_model: bool = False):
 
 def main():
   args = parse()
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-  import dataclasses
   import jax
-  from t5tpu import model_shapes, trainer
-  cfg = model_shapes.named_configs()[args.model]
-  on_cpu = jax.devices()[0].platform == 'cpu'
-  dtype = args.dtype if args.dtype != 'auto' else ('float32' if on_cpu else 'bfloat16')
-  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=0.0,
-                            vocab_size=args.vocab or cfg.vocab_size)
+  from t5tpu import trainer
+  cfg, dtype = bench_setup.model_config(args)
   rng = np.random.RandomState(0)
   batches = [random_batch(rng, args.batch, args.inputs, args.targets,
                           min(cfg.vocab_size, 32000)) for _ in range(2)]

@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 # Names are t5x's full state-dict names, as in t5x's assignment maps and error messages:
 # 'target/encoder/layers_0/attention/query/kernel', 'state/param_states/.../v_row', 'state/step'.
 
-TARGET = formats.TARGET_PREFIX
-PARAM_STATES = formats.PARAM_STATES_PREFIX
+TARGET, PARAM_STATES = formats.TARGET_PREFIX, formats.PARAM_STATES_PREFIX
 
 
 def apply_assignment_map(model_names, ckpt_flat: dict, assignment_map) -> tuple:
@@ -180,15 +179,22 @@ def load(path: str, trainer, restore_cfg=None):
   return layout_lib.unshared(state)
 
 
+def _restorable_in_place(path: str, restore_cfg) -> bool:
+  """An orbax checkpoint and no assignment map: orbax can restore it into the shards."""
+  if restore_cfg.assignment_map or detect_format(path) != 'orbax':
+    return False
+  from t5tpu.formats import t5x_orbax
+  t5x_orbax.check_metadata(path)  # else orbax's bare JSONDecodeError
+  return True
+
+
 def _restore_in_place(path: str, trainer, restore_cfg):
   """An orbax checkpoint with exactly the model's parameters and this optimizer's state,
   restored straight into its shards: no host copy of the model (an 11B one would not fit).
   None when names must be matched (assignment map, other parameters, another optimizer's
   state, another format): the general path does that, and explains any mismatch."""
-  if restore_cfg.assignment_map or detect_format(path) != 'orbax':
+  if not _restorable_in_place(path, restore_cfg):
     return None
-  from t5tpu.formats import t5x_orbax
-  t5x_orbax.check_metadata(path)  # else orbax's bare JSONDecodeError
   abstract = trainer.layout.abstract_with_shardings()
   model = {k: tuple(v.shape) for k, v in formats.flatten(abstract.params).items()}
   try:
@@ -212,12 +218,9 @@ def load_params(path: str, layout, restore_cfg=None, init_params=None):
   gives the values of parameters the restore config leaves fresh.
   """
   restore_cfg = restore_cfg or ckpt_lib.RestoreCheckpointConfig()
-  abstract = layout.abstract_with_shardings()
-  if detect_format(path) == 'orbax' and not restore_cfg.assignment_map:
-    from t5tpu.formats import t5x_orbax
-    t5x_orbax.check_metadata(path)  # else orbax's bare JSONDecodeError
+  if _restorable_in_place(path, restore_cfg):
     try:
-      params = ckpt_lib.restore_params(path.rstrip('/'), abstract)
+      params = ckpt_lib.restore_params(path.rstrip('/'), layout.abstract_with_shardings())
       return formats.cast_floating(params, restore_cfg.dtype)
     except (ValueError, KeyError, OSError) as e:  # a mismatch, or damage: explained below
       log.info('direct restore failed (%s); checking names and shapes', e)

@@ -1,0 +1,32 @@
+"""What every benchmark sets up the same way: the model shape from the flags, and the same
+shape as a transformers T5 (config.json as `t5tpu convert --to hf` writes it)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+
+def model_config(args):
+  """(T5Config, activation dtype) of --model, --vocab and --dtype ('auto': bfloat16 on
+  accelerators, float32 on CPU); no dropout, so both systems do the same work."""
+  import jax
+  from t5tpu import model_shapes
+  cfg = model_shapes.named_configs()[args.model]
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  dtype = args.dtype if args.dtype != 'auto' else ('float32' if on_cpu else 'bfloat16')
+  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=0.0,
+                            vocab_size=args.vocab or cfg.vocab_size)
+  return cfg, dtype
+
+
+def hf_t5(cfg):
+  """(a randomly initialised T5ForConditionalGeneration of `cfg`'s shape, its device)."""
+  import torch
+  import transformers
+  from t5tpu.formats import hf
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  config = transformers.T5Config(**hf.config_to_hf(cfg))
+  return transformers.T5ForConditionalGeneration(config).to(device), device
