@@ -133,7 +133,7 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return False
     tree = state.state_dict()
-    if self.save_cfg.dtype and self.save_cfg.dtype != 'float32':
+    if self.save_cfg.dtype:  # also bfloat16 parameters (PARAM_DTYPE) saved as float32
       tree = formats.with_params(
           tree, formats.cast_floating(formats.params_of(tree), self.save_cfg.dtype))
     items = {'state': ocp.args.StandardSave(tree)}

@@ -78,15 +78,19 @@ class ParamLayout:
 
   def place(self, params):
     """Host or device parameters onto this layout's shardings, in its dtypes."""
-    params = jax.tree.map(lambda x, a: x.astype(a.dtype) if x.dtype != a.dtype else x,
-                          params, self.abstract)
-    return jax.device_put(params, self.shardings)
+    return jax.device_put(cast_like(params, self.abstract), self.shardings)
 
   def batch_shardings(self, batch: Mapping[str, Any]) -> dict:
     return {k: self.partitioner.data_sharding(len(v.shape)) for k, v in batch.items()}
 
   def num_values(self) -> int:
     return sum(int(a.size) for a in jax.tree.leaves(self.abstract))
+
+
+def cast_like(tree, abstract):
+  """Each leaf of `tree` in the dtype of its counterpart in `abstract` (host or traced)."""
+  return jax.tree.map(lambda x, a: x.astype(a.dtype) if x.dtype != a.dtype else x,
+                      tree, abstract)
 
 
 def pick_specs(tree, keep: Callable[[tuple], bool]):

@@ -108,6 +108,21 @@ class Plan:
   required: Optional[int] = None  # from the compiler's error, when it does not fit
   error: str = ''
   compile_seconds: float = 0.0
+  # The TPU compiler's own estimate of the step time (its cost model, not a measurement);
+  # None with `estimate_note` saying why when it would not be honest.
+  estimated_seconds: Optional[float] = None
+  estimate_note: str = ''
+  model_flops: float = 0.0  # per step, all devices (trainer.train_flops_per_example)
+  peak_flops: Optional[float] = None  # per device, bf16
+
+  @property
+  def estimated_mfu(self) -> Optional[float]:
+    if not (self.estimated_seconds and self.peak_flops):
+      return None
+    devices = 1
+    for n in self.mesh.values():
+      devices *= n
+    return self.model_flops / (self.estimated_seconds * self.peak_flops * devices)
 
   def summary(self) -> str:
     verdict = 'FITS' if self.fits else 'DOES NOT FIT'
@@ -119,11 +134,21 @@ class Plan:
       lines.append(f'  activations/temporaries {_gib(self.temporaries)}, arguments '
                    f'{_gib(self.arguments)}, peak {_gib(self.peak)} of {_gib(self.hbm)} HBM '
                    f'({self.peak / self.hbm:.0%})')
+      lines.append('  ' + self.estimate_summary())
     else:
       need = f'needs {_gib(self.required)}, ' if self.required else ''
       lines.append(f'  {need}HBM {_gib(self.hbm)}: {self.error}')
     lines.append(f'  (compiled in {self.compile_seconds:.0f} s)')
     return '\n'.join(lines)
+
+
+  def estimate_summary(self) -> str:
+    if self.estimated_seconds is None:
+      return f'no step-time estimate: {self.estimate_note}'
+    mfu = self.estimated_mfu
+    return (f"step time, the TPU compiler's estimate (not measured): "
+            f'{self.estimated_seconds * 1e3:.1f} ms'
+            + (f', MFU {mfu:.0%} if it held' if mfu is not None else ''))
 
 
 def _gib(n: Optional[int]) -> str:
@@ -198,7 +223,35 @@ def compile_train_step(trainer, batch_size: int, lengths, topology: str, hbm: in
   plan.arguments = int(mem.argument_size_in_bytes)
   plan.temporaries = int(mem.temp_size_in_bytes)
   plan.peak = int(mem.peak_memory_in_bytes)
+  _add_estimate(plan, compiled, trainer, lengths)
   return plan
+
+
+_LOOP = re.compile(r'\bwhile\(')
+
+
+def _add_estimate(plan: Plan, compiled, trainer, lengths) -> None:
+  """libtpu's `optimal_seconds` for the step, where it can be taken at its word.
+
+  XLA's cost analysis counts a loop body once, whatever its trip count: a step with a loop
+  (microbatches' scan, scanned layers) would be estimated as one iteration, so none is given.
+  t5tpu's layers are unrolled and remat only adds recomputation, which the estimate counts.
+  """
+  from t5tpu import trainer as trainer_lib
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  seconds = (cost or {}).get('optimal_seconds')
+  plan.model_flops = plan.batch_size * trainer_lib.train_flops_per_example(
+      trainer.model.config, lengths['inputs'], lengths['targets'])
+  device = trainer.partitioner.mesh.devices.flat[0]
+  plan.peak_flops = trainer_lib.peak_flops_per_device(device.device_kind, device.platform)
+  if not seconds or seconds <= 0:
+    plan.estimate_note = "this libtpu's cost analysis gives no optimal_seconds"
+  elif _LOOP.search(compiled.as_text()):
+    plan.estimate_note = ('the compiled step has a loop (microbatches), and the cost analysis '
+                          'counts a loop body once')
+  else:
+    plan.estimated_seconds = float(seconds)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -225,7 +278,8 @@ class Setup:
 def make_setup(model, topology: str, batch_size: int, lengths, num_partitions: int = 1,
                model_parallel_submesh=None, logical_axis_rules=None, learning_rate_fn=None,
                num_microbatches: Optional[int] = None, pack: bool = True,
-               partitioner_fn: Optional[Callable] = None) -> Setup:
+               partitioner_fn: Optional[Callable] = None,
+               param_dtype: Optional[str] = None) -> Setup:
   """A Trainer for `model` on the TPU topology's devices (the Python API behind the CLI)."""
   from t5tpu import optimizers, partitioning, trainer as trainer_lib
   devices = topology_devices(topology)
@@ -238,7 +292,8 @@ def make_setup(model, topology: str, batch_size: int, lengths, num_partitions: i
   lr = learning_rate_fn or optimizers.create_learning_rate_scheduler()
   from t5tpu import layout
   trainer = trainer_lib.Trainer(model, part, lr, num_microbatches,
-                                layout.input_shapes(batch_size, lengths))
+                                layout.input_shapes(batch_size, lengths),
+                                param_dtype=param_dtype)
   return Setup(trainer, topology, batch_size, dict(lengths), pack)
 
 
@@ -283,7 +338,8 @@ def setup_from_gin(topology: str, batch_size: Optional[int] = None,
   return make_setup(model, topology, batch_size, lengths,
                      learning_rate_fn=resolve('learning_rate_fn'),
                      num_microbatches=resolve('num_microbatches'),
-                     pack=data_cfg.pack if data_cfg else True, partitioner_fn=partitioner_fn)
+                     pack=data_cfg.pack if data_cfg else True, partitioner_fn=partitioner_fn,
+                     param_dtype=resolve('param_dtype'))
 
 
 # ----------------------------------------------------------------------------- bisection
@@ -403,20 +459,22 @@ def gin_setup(model_name: str, topology: str, batch_size: int, lengths, num_part
 
 def table_rows(models: Sequence[str], topologies: Sequence[str], lengths, start: int = 32,
                remat: str = 'none', resolution_fraction: float = 0.125, limit: int = 4096,
-               header: bool = True, out=sys.stdout) -> List[dict]:
+               header: bool = True, out=sys.stdout,
+               param_dtype: str = 'float32') -> List[dict]:
   """docs/tpu-memory.md: each model's largest fitting batch on each topology."""
   rows = []
   if header:
-    print('| model | params | topology | model parallel | remat | params+opt / core | '
-          'largest batch that fits | peak at that batch | next batch tried | seconds |',
-          file=out)
-    print('|---|---|---|---|---|---|---|---|---|---|', file=out)
+    print('| model | params | topology | model parallel | remat | parameter dtype | '
+          'params+opt / core | largest batch that fits | peak at that batch | '
+          'next batch tried | seconds |', file=out)
+    print('|---|---|---|---|---|---|---|---|---|---|---|', file=out)
   for name in models:
     for topo in topologies:
       n = len(topology_devices(topo))
       mp = table_partitions(name, n)
       t0 = time.perf_counter()
-      setup = gin_setup(name, topo, start, lengths, mp, remat)
+      setup = gin_setup(name, topo, start, lengths, mp, remat,
+                        extra_bindings=[f'PARAM_DTYPE = {param_dtype!r}'])
       unit = setup.unit
       search = find_max_batch(
           setup, start=start, relative_resolution=resolution_fraction, limit=limit,
@@ -426,13 +484,14 @@ def table_rows(models: Sequence[str], topologies: Sequence[str], lengths, start:
       probe = best or search.tried[0]
       n_params = setup.trainer.params_layout.num_values()
       row = dict(model=name, params=n_params, topology=topo, model_parallel=mp, remat=remat,
+                 param_dtype=param_dtype,
                  state=probe.params + probe.opt_state,
                  max_batch=best.batch_size if best else 0,
                  peak=best.peak if best else None,
                  next_tried=fail.batch_size if fail else None,
                  seconds=time.perf_counter() - t0)
       rows.append(row)
-      print(f"| {name} | {n_params / 1e9:.2f}B | {topo} | {mp} | {remat} | "
+      print(f"| {name} | {n_params / 1e9:.2f}B | {topo} | {mp} | {remat} | {param_dtype} | "
             f"{row['state'] / GiB:.2f} GiB | "
             f"{row['max_batch'] if best else 'DOES NOT FIT (batch ' + str(unit) + ')'} | "
             f"{_gib(row['peak']) if best else '-'} | "
@@ -463,6 +522,8 @@ def _parser():
   p.add_argument('--table', action='store_true',
                  help='the docs table: every model size on each --topology')
   p.add_argument('--remat', default='none', help="--table only: T5Config.remat_policy")
+  p.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='--table only: PARAM_DTYPE, the trained parameters\' dtype')
   p.add_argument('--limit', type=int, default=4096, help='--table only: largest batch tried')
   p.add_argument('--no_header', action='store_true', help='--table only')
   return p
@@ -489,7 +550,8 @@ def main(argv: Sequence[str]) -> None:
   if args.table:
     table_rows(args.model or TABLE_MODELS, topologies,
                lengths or {'inputs': 128, 'targets': 32}, start=args.batch_size or 32,
-               remat=args.remat, limit=args.limit, header=not args.no_header)
+               remat=args.remat, limit=args.limit, header=not args.no_header,
+               param_dtype=args.param_dtype)
     return
   gin_files = list(args.gin_file)
   if not gin_files:

@@ -366,6 +366,7 @@ class Run:
   inference_evaluator_cls: Optional[Callable]
   skip_nonfinite: bool
   early_stopping: early_stopping_lib.EarlyStopping
+  param_dtype: Optional[str] = None
 
   @property
   def lengths(self) -> dict:
@@ -392,7 +393,8 @@ def train(*,
           run_eval_before_training: bool = False,
           inference_evaluator_cls: Optional[Callable] = None,
           on_nonfinite: str = 'stop',
-          early_stopping: Optional[early_stopping_lib.EarlyStopping] = None) -> Optional[Any]:
+          early_stopping: Optional[early_stopping_lib.EarlyStopping] = None,
+          param_dtype: Optional[str] = None) -> Optional[Any]:
   """Trains `model` on `train_dataset_cfg` until the step counter reaches total_steps.
 
   Everything the user can get wrong is checked before MODEL_DIR changes. `train_epochs`
@@ -400,7 +402,9 @@ def train(*,
   step training started from. `on_nonfinite`: 'stop' (default) ends the run with an error at
   the first NaN/Inf loss or update, before it reaches a checkpoint; 'skip' leaves the
   parameters and optimizer state of such a step unchanged and goes on. `early_stopping`: stop
-  when a validation metric stops improving, and keep the best checkpoint. Returns the final
+  when a validation metric stops improving, and keep the best checkpoint. `param_dtype`
+  (PARAM_DTYPE): the trained parameters' dtype in memory, 'float32' (default) or 'bfloat16'
+  (half the parameter and gradient memory; see trainer.Trainer). Returns the final
   TrainState (process-local handles; useful in tests and notebooks).
   """
   if total_steps is None and relative_steps is None and train_epochs is None:
@@ -427,7 +431,8 @@ def train(*,
       eval_steps=eval_steps, log_period=log_period, random_seed=random_seed,
       run_eval_before_training=run_eval_before_training,
       inference_evaluator_cls=inference_evaluator_cls, skip_nonfinite=on_nonfinite == 'skip',
-      early_stopping=copy.deepcopy(early_stopping or early_stopping_lib.EarlyStopping()))
+      early_stopping=copy.deepcopy(early_stopping or early_stopping_lib.EarlyStopping()),
+      param_dtype=_check_param_dtype(param_dtype))
   # Seconds, not minutes of retries: MODEL_DIR is written, INITIAL_CHECKPOINT_PATH only read.
   storage.check_reachable(run.model_dir, read_only=[run.restore_cfg.path])
   partitioner.check_batch_size(train_dataset_cfg.batch_size)
@@ -443,11 +448,18 @@ def train(*,
     return _train_locked(run)
 
 
+def _check_param_dtype(dtype: Optional[str]) -> Optional[str]:
+  if dtype not in (None, 'float32', 'bfloat16'):
+    raise errors.UserError(f'PARAM_DTYPE={dtype!r}: use "float32" or "bfloat16"')
+  return dtype
+
+
 def _train_locked(run: Run):
   input_shapes = layout_lib.input_shapes(run.train_dataset_cfg.batch_size, run.lengths)
   trainer = trainer_lib.Trainer(run.model, run.partitioner, run.learning_rate_fn,
                                 run.num_microbatches, input_shapes,
-                                skip_nonfinite_steps=run.skip_nonfinite)
+                                skip_nonfinite_steps=run.skip_nonfinite,
+                                param_dtype=run.param_dtype)
   protect = (lambda: run.early_stopping.best_step) if run.early_stopping.enabled else None
   checkpointer = ckpt_lib.Checkpointer(run.model_dir, run.save_cfg, protected_step=protect)
   try:

@@ -72,12 +72,16 @@ class Trainer:
   `params_layout`: every parameter of the model; `layout`: the TrainState (the trainable
   parameters and their optimizer state); `frozen_layout`: the frozen base of a delta run
   (empty otherwise), whose values `set_frozen` hands to the trainer once.
+
+  `param_dtype` ('bfloat16' halves the parameters and their gradients; default float32): the
+  update is computed in float32 (Adafactor; AdamW's moments take the parameters' dtype) and
+  rounded to nearest, so an update under half a bfloat16 step of its parameter is lost.
   """
 
   def __init__(self, model, partitioner: partitioning_lib.PjitPartitioner,
                learning_rate_fn, num_microbatches: Optional[int] = None,
                input_shapes: Optional[Mapping[str, tuple]] = None,
-               skip_nonfinite_steps: bool = False):
+               skip_nonfinite_steps: bool = False, param_dtype: Optional[str] = None):
     self.model = model
     self.skip_nonfinite_steps = skip_nonfinite_steps
     self.partitioner = partitioner
@@ -90,7 +94,8 @@ class Trainer:
     self.params_layout = layout_lib.ParamLayout.for_model(model, partitioner)
     delta_lib.check_targets(self.delta, self.params_layout.abstract)
     trains = lambda path: self.delta is None or self.delta.trainable(path)
-    self.trainable_layout = self.params_layout.subset(trains)
+    # PARAM_DTYPE: the trained parameters' dtype in memory (their gradients follow it).
+    self.trainable_layout = self.params_layout.subset(trains, dtype=param_dtype)
     self.frozen_layout = self.params_layout.subset(
         lambda path: not trains(path), dtype=self.delta.base_dtype if self.delta else None)
     self.frozen = {}
@@ -121,6 +126,7 @@ class Trainer:
     def init(rng):
       params = self.init_params(rng)
       params, _ = delta_lib.split(self.delta, params)
+      params = layout_lib.cast_like(params, self.trainable_layout.abstract)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=self.tx.init(params), optimizer_def=self.optimizer_def)
     with self.partitioner.context():
@@ -147,7 +153,7 @@ class Trainer:
 
   def state_from_params(self, params, step: int = 0) -> TrainState:
     """A fresh optimizer state around given (already sharded or host) parameters."""
-    params = jax.device_put(params, self.layout.shardings.params)
+    params = self.trainable_layout.place(params)
     with self.partitioner.context():
       opt_state = jax.jit(self.tx.init, out_shardings=self.layout.shardings.opt_state)(params)
     step = jax.device_put(jnp.asarray(step, jnp.int32), self.layout.shardings.step)

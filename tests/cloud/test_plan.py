@@ -179,3 +179,29 @@ def test_topologies_build():
                     'v5e-4': 4, 'v5e-8': 8, 'v5e-16': 16, 'v6e-4': 4, 'v6e-8': 8, 'v5p-8': 4}
   with pytest.raises(ValueError, match='unknown topology'):
     plan.topology_devices('v9-8')
+
+
+@pytest.mark.timeout(300)
+def test_step_time_estimate_only_without_a_loop():
+  """libtpu's optimal_seconds is given for an unrolled step (with the MFU it implies) and
+  withheld for microbatches, whose scan body the cost analysis would count once."""
+  p = plan.memory_report(_model(), 'v5e-1', 8, LENGTHS)
+  assert p.estimated_seconds is not None and p.estimated_seconds > 0
+  assert p.peak_flops == 197e12 and p.model_flops > 0
+  assert 0 < p.estimated_mfu < 1
+  assert "the TPU compiler's estimate (not measured)" in p.summary()
+  micro = plan.memory_report(_model(), 'v5e-1', 8, LENGTHS, num_microbatches=2)
+  assert micro.fits and micro.estimated_seconds is None and micro.estimated_mfu is None
+  assert 'counts a loop body once' in micro.summary()
+
+
+@pytest.mark.timeout(300)
+def test_bfloat16_parameters_halve_parameters_and_gradients():
+  """PARAM_DTYPE='bfloat16': the state's parameters take half the bytes; Adafactor's factored
+  state stays float32; the step's peak drops by about the parameters and gradients saved."""
+  f32 = plan.memory_report(_model(), 'v5e-1', 8, LENGTHS)
+  bf16 = plan.memory_report(_model(), 'v5e-1', 8, LENGTHS, param_dtype='bfloat16')
+  assert bf16.fits
+  assert bf16.params * 2 == f32.params
+  assert bf16.opt_state == f32.opt_state
+  assert bf16.peak < f32.peak
