@@ -2,6 +2,7 @@
 
   python benchmarks/train_throughput.py --model t5_1_1/small --batch 8 --inputs 128 --targets 32
   python benchmarks/train_throughput.py --vocab 512     # t5x's own CPU reference workload
+  python benchmarks/train_throughput.py --packed        # + closed-book QA lengths, packed
 
 Both sides train the same T5 shape on the same random token batches with each optimizer
 (Adafactor: t5x defaults on our side, transformers' Adafactor with a fixed learning rate on
@@ -9,6 +10,13 @@ theirs; AdamW: optax's and torch's), in the same process, on whatever device is 
 table of step time, tokens/s and MFU, with t5tpu / transformers ratios, and writes JSON.
 MFU = model FLOPs (6 x multiply-accumulates, anchors.md) / step time / peak FLOP/s; on CPU the
 "peak" is the measured float32 matmul throughput of this machine.
+
+--packed adds a second table on real lengths: the built-in closed-book QA task (knowledge_qa's
+train split, questions ~10 tokens, answers 1-3, as TriviaQA's are short against t5x's 128/32)
+packed by seqio into --batch rows of --inputs/--targets, as t5tpu trains it; transformers gets
+exactly the examples of each packed batch, padded to the batch's longest (its usual dynamic
+padding). Same examples and real tokens per step on both sides, so the ratio of real
+(non-padding) tokens/s is the ratio of step times.
 """
 from __future__ import annotations
 
@@ -39,6 +47,8 @@ def parse():
   p.add_argument('--skip_hf', action='store_true')
   p.add_argument('--torch_compile', action='store_true',
                  help='also a row of transformers under torch.compile')
+  p.add_argument('--packed', action='store_true',
+                 help='also the packed closed-book QA table (real tokens/s)')
   p.add_argument('--json', default=None, help='write results here')
   return p.parse_args()
 
@@ -49,6 +59,45 @@ def random_batch(rng, batch, inputs, targets, vocab):
   dec = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
   return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec,
           'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones_like(tgt, np.float32)}
+
+
+def packed_batches(args, count: int):
+  """`count` seqio-packed batches of knowledge_qa's train split, and the same examples of each
+  as an unpacked batch padded to its longest (decoder inputs shifted per example)."""
+  import seqio
+  from tasks import knowledge  # registers knowledge_qa
+  if args.vocab and args.vocab < knowledge.VOCAB_SIZE:
+    raise SystemExit(f'--packed: knowledge_qa has {knowledge.VOCAB_SIZE} pieces; give '
+                     f'--vocab {knowledge.VOCAB_SIZE} or more')
+  lengths = {'inputs': args.inputs, 'targets': args.targets}
+  ds = seqio.get_mixture_or_task('knowledge_qa').get_dataset(lengths, split='train',
+                                                               shuffle=False)
+  ds = seqio.EncDecFeatureConverter(pack=True)(ds, lengths).batch(args.batch, drop_remainder=True)
+  packed = [{k: np.asarray(v) for k, v in b.items()} for b in ds.take(count).as_numpy_iterator()]
+  return packed, [unpack(b) for b in packed]
+
+
+def unpack(b):
+  """The examples of a packed batch, padded to the longest of them."""
+  pairs = []
+  for row in range(b['encoder_input_tokens'].shape[0]):
+    for seg in np.unique(b['encoder_segment_ids'][row]):
+      if seg == 0:
+        continue
+      pairs.append((b['encoder_input_tokens'][row][b['encoder_segment_ids'][row] == seg],
+                    b['decoder_target_tokens'][row][b['decoder_segment_ids'][row] == seg]))
+  ti, to = max(len(i) for i, _ in pairs), max(len(t) for _, t in pairs)
+  enc = np.zeros((len(pairs), ti), np.int32)
+  tgt = np.zeros((len(pairs), to), np.int32)
+  for n, (i, t) in enumerate(pairs):
+    enc[n, :len(i)], tgt[n, :len(t)] = i, t
+  dec = np.concatenate([np.zeros((len(pairs), 1), np.int32), tgt[:, :-1]], 1)
+  return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec,
+          'decoder_target_tokens': tgt, 'decoder_loss_weights': (tgt > 0).astype(np.float32)}
+
+
+def real_tokens(b) -> int:
+  return int((b['encoder_input_tokens'] > 0).sum() + (b['decoder_target_tokens'] > 0).sum())
 
 
 def bench_t5tpu(cfg, args, batches, optimizer: str):
@@ -92,11 +141,12 @@ def bench_hf(cfg, args, batches, optimizer: str, compile_model: bool = False):
   for i in range(args.warmup + args.steps):
     b = tb[i % len(tb)]
     t0 = time.perf_counter()
+    labels = b['decoder_target_tokens'].long()
+    labels = labels.masked_fill(b['decoder_loss_weights'] == 0, -100)  # padding: no loss
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
       out = model(input_ids=b['encoder_input_tokens'].long(),
                   attention_mask=(b['encoder_input_tokens'] > 0).long(),
-                  decoder_input_ids=b['decoder_input_tokens'].long(),
-                  labels=b['decoder_target_tokens'].long())
+                  decoder_input_ids=b['decoder_input_tokens'].long(), labels=labels)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -146,10 +196,42 @@ def main():
                     'tokens_per_second': tokens / step, 'mfu': mfu, 'first_loss': loss,
                     't5tpu_over_this': ratio})
   print('ratio: t5tpu tokens/s over the row\'s (same run, same machine; > 1: t5tpu faster)')
+  packed = packed_table(cfg, args, opt_names) if args.packed else []
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'dtype': dtype, 'device': dev.device_kind,
-                 'results': results}, f, indent=1)
+                 'results': results, 'packed': packed}, f, indent=1)
+
+
+def packed_table(cfg, args, opt_names):
+  """Real tokens/s on knowledge_qa: t5tpu on packed rows, transformers on the same examples
+  padded per batch."""
+  n = args.warmup + args.steps
+  packed, padded = packed_batches(args, n)
+  # Real tokens of the timed steps, the same on both sides (the batches repeat as in main).
+  tokens = sum(real_tokens(packed[i % n]) for i in range(args.warmup, n))
+  examples = np.mean([b['encoder_input_tokens'].shape[0] for b in padded])
+  rows = []
+  for opt in opt_names:
+    t, _ = bench_t5tpu(cfg, args, packed, opt)
+    rows.append((opt, 't5tpu (jax), packed', sum(t)))
+    if not args.skip_hf:
+      t, _ = bench_hf(cfg, args, padded, opt)
+      rows.append((opt, 'transformers, padded', sum(t)))
+  fill = tokens / ((args.steps) * args.batch * (args.inputs + args.targets))
+  print(f'\npacked: knowledge_qa train split, {examples:.0f} examples per step '
+        f'({args.batch} rows of {args.inputs}/{args.targets}, {fill:.0%} of their tokens '
+        'real); transformers gets the same examples padded to each batch\'s longest')
+  print(f"{'optimizer':<11}{'system':<26}{'step s':>9}{'real tok/s':>12}{'ratio':>8}")
+  results = []
+  for opt, name, seconds in rows:
+    ours = [r[2] for r in rows if r[0] == opt and r[1].startswith('t5tpu')][0]
+    print(f'{opt:<11}{name:<26}{seconds / args.steps:>9.3f}{tokens / seconds:>12.0f}'
+          f'{seconds / ours:>7.2f}x')
+    results.append({'optimizer': opt, 'system': name, 'step_seconds': seconds / args.steps,
+                    'real_tokens_per_second': tokens / seconds,
+                    'examples_per_step': float(examples), 't5tpu_over_this': seconds / ours})
+  return results
 
 
 if __name__ == '__main__':

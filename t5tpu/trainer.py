@@ -84,6 +84,7 @@ class Trainer:
                skip_nonfinite_steps: bool = False, param_dtype: Optional[str] = None):
     self.model = model
     self.skip_nonfinite_steps = skip_nonfinite_steps
+    self.param_dtype = param_dtype
     self.partitioner = partitioner
     self.learning_rate_fn = learning_rate_fn
     self.num_microbatches = num_microbatches or 1
@@ -152,8 +153,14 @@ class Trainer:
     return delta_lib.merge(params, self.frozen)
 
   def state_from_params(self, params, step: int = 0) -> TrainState:
-    """A fresh optimizer state around given (already sharded or host) parameters."""
-    params = self.trainable_layout.place(params)
+    """A fresh optimizer state around given (already sharded or host) parameters.
+
+    With a PARAM_DTYPE the parameters are cast to it; without one they keep theirs (a
+    restore dtype, as in t5x, decides)."""
+    if self.param_dtype:
+      params = self.trainable_layout.place(params)
+    else:
+      params = jax.device_put(params, self.layout.shardings.params)
     with self.partitioner.context():
       opt_state = jax.jit(self.tx.init, out_shardings=self.layout.shardings.opt_state)(params)
     step = jax.device_put(jnp.asarray(step, jnp.int32), self.layout.shardings.step)

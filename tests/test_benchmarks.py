@@ -27,6 +27,11 @@ def test_gpu_suite_runs_every_benchmark_with_tiny_shapes(tmp_path):
     assert all(r['tokens_per_second'] > 0 and math.isfinite(r['first_loss']) for r in rows)
     assert all(r['t5tpu_over_this'] > 0 for r in rows)
 
+  packed = json.loads((tmp_path / 'train_base.json').read_text())['packed']
+  assert [r['system'] for r in packed] == ['t5tpu (jax), packed', 'transformers, padded']
+  assert all(r['real_tokens_per_second'] > 0 for r in packed)
+  assert packed[0]['examples_per_step'] > 4  # several examples share each packed row
+
   decode = json.loads((tmp_path / 'decode_base.json').read_text())['results']
   assert [r['decoding'] for r in decode] == ['greedy', 'beam 4']
   assert all(r['t5tpu_tokens_per_second'] > 0 and r['ratio'] > 0 for r in decode)
