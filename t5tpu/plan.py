@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from t5tpu import errors
 
@@ -33,31 +33,37 @@ class Topology:
   topology_name: str  # what libtpu calls it: 'v2:2x2'
   hbm_gib: float  # usable HBM per jax device, as the TPU compiler enforces it
   note: str
+  hbm_gbps: float  # HBM bandwidth per jax device, GB/s (Cloud TPU's published per-chip figure)
   kwargs: tuple = ()  # extra get_topology_desc arguments, as (key, value) pairs
 
   @property
   def hbm_bytes(self) -> int:
     return int(self.hbm_gib * GiB)
 
+  @property
+  def hbm_bytes_per_second(self) -> float:
+    return self.hbm_gbps * 1e9
+
 
 # HBM per device as the compiler reports it in its out-of-memory errors (libtpu 0.0.42.1);
-# measured by compiling for each topology. A v2/v3 device is one TensorCore (half a chip).
+# measured by compiling for each topology. A v2/v3 device is one TensorCore (half a chip),
+# and gets half the chip's HBM bandwidth.
 TOPOLOGIES: Dict[str, Topology] = {t.name: t for t in [
-    Topology('v5e-1', 'v5e:1x1', 15.75, "Colab's free TPU since 2025: one chip of 16 GiB",
+    Topology('v5e-1', 'v5e:1x1', 15.75, "Colab's free TPU since 2025: one chip of 16 GiB", 819,
              (('chips_per_host_bounds', (1, 1, 1)),)),
-    Topology('v6e-1', 'v6e:1x1', 31.25, "Colab's paid-tier TPU: one chip of 32 GiB",
+    Topology('v6e-1', 'v6e:1x1', 31.25, "Colab's paid-tier TPU: one chip of 32 GiB", 1640,
              (('chips_per_host_bounds', (1, 1, 1)),)),
-    Topology('v2-8', 'v2:2x2', 7.48, "Colab's TPU until 2025: 4 chips, 8 cores of 8 GiB"),
-    Topology('v3-8', 'v3:2x2', 15.48, '4 chips, 8 cores of 16 GiB'),
+    Topology('v2-8', 'v2:2x2', 7.48, "Colab's TPU until 2025: 4 chips, 8 cores of 8 GiB", 350),
+    Topology('v3-8', 'v3:2x2', 15.48, '4 chips, 8 cores of 16 GiB', 450),
     Topology('v4-8', 'v4:2x2x1', 30.75, '4 chips in megacore mode: 4 devices of 32 GiB '
-             '(what jax sees on a v4-8 TPU VM)', (('chip_config_name', 'megacore'),)),
-    Topology('v4-8-cores', 'v4:2x2x1', 15.25, '4 chips as 8 separate cores of 16 GiB'),
-    Topology('v5e-4', 'v5e:2x2', 15.75, '4 chips of 16 GiB'),
-    Topology('v5e-8', 'v5e:2x4', 15.75, "8 chips of 16 GiB (one host; Kaggle's TPU)"),
-    Topology('v5e-16', 'v5e:4x4', 15.75, '16 chips of 16 GiB (4 hosts)'),
-    Topology('v6e-4', 'v6e:2x2', 31.25, '4 chips of 32 GiB'),
-    Topology('v6e-8', 'v6e:2x4', 31.25, '8 chips of 32 GiB (one host)'),
-    Topology('v5p-8', 'v5p:2x2x1', 95.74, '4 chips of 95 GiB (v5p-8 counts TensorCores)'),
+             '(what jax sees on a v4-8 TPU VM)', 1200, (('chip_config_name', 'megacore'),)),
+    Topology('v4-8-cores', 'v4:2x2x1', 15.25, '4 chips as 8 separate cores of 16 GiB', 600),
+    Topology('v5e-4', 'v5e:2x2', 15.75, '4 chips of 16 GiB', 819),
+    Topology('v5e-8', 'v5e:2x4', 15.75, "8 chips of 16 GiB (one host; Kaggle's TPU)", 819),
+    Topology('v5e-16', 'v5e:4x4', 15.75, '16 chips of 16 GiB (4 hosts)', 819),
+    Topology('v6e-4', 'v6e:2x2', 31.25, '4 chips of 32 GiB', 1640),
+    Topology('v6e-8', 'v6e:2x4', 31.25, '8 chips of 32 GiB (one host)', 1640),
+    Topology('v5p-8', 'v5p:2x2x1', 95.74, '4 chips of 95 GiB (v5p-8 counts TensorCores)', 2765),
 ]}
 
 
@@ -108,8 +114,8 @@ class Plan:
   required: Optional[int] = None  # from the compiler's error, when it does not fit
   error: str = ''
   compile_seconds: float = 0.0
-  # The TPU compiler's own estimate of the step time (its cost model, not a measurement);
-  # None with `estimate_note` saying why when it would not be honest.
+  # The step time from the TPU compiler's cost analysis (step_estimate: not a measurement);
+  # `estimate_note` says which kind, or why there is none.
   estimated_seconds: Optional[float] = None
   estimate_note: str = ''
   model_flops: float = 0.0  # per step, all devices (trainer.train_flops_per_example)
@@ -146,9 +152,9 @@ class Plan:
     if self.estimated_seconds is None:
       return f'no step-time estimate: {self.estimate_note}'
     mfu = self.estimated_mfu
-    return (f"step time, the TPU compiler's estimate (not measured): "
-            f'{self.estimated_seconds * 1e3:.1f} ms'
-            + (f', MFU {mfu:.0%} if it held' if mfu is not None else ''))
+    return (f'step time estimated (not measured): {self.estimated_seconds * 1e3:.1f} ms'
+            + (f', MFU {mfu:.0%} if it held' if mfu is not None else '')
+            + f'; {self.estimate_note}')
 
 
 def _gib(n: Optional[int]) -> str:
@@ -230,28 +236,46 @@ def compile_train_step(trainer, batch_size: int, lengths, topology: str, hbm: in
 _LOOP = re.compile(r'\bwhile\(')
 
 
-def _add_estimate(plan: Plan, compiled, trainer, lengths) -> None:
-  """libtpu's `optimal_seconds` for the step, where it can be taken at its word.
+def step_estimate(cost: Optional[dict], has_loop: bool, peak_flops: Optional[float],
+                  hbm_bytes_per_second: Optional[float]) -> Tuple[Optional[float], str]:
+  """(seconds, what they are) from the compiled step's cost analysis, or (None, why not).
 
-  XLA's cost analysis counts a loop body once, whatever its trip count: a step with a loop
-  (microbatches' scan, scanned layers) would be estimated as one iteration, so none is given.
-  t5tpu's layers are unrolled and remat only adds recomputation, which the estimate counts.
+  libtpu's `optimal_seconds` is taken when positive; for T5.1.1-small and larger, libtpu
+  0.0.42.1 returns a negative value (about -110 s for small at batch 8), so those get a
+  roofline from the same analysis' counts instead: max(flops / peak FLOP/s, bytes accessed /
+  HBM bandwidth). XLA's cost analysis counts a loop body once whatever its trip count, so a
+  step with a loop (microbatches' scan) gets neither. t5tpu's layers are unrolled, and the
+  recomputation remat adds is in the counts.
   """
+  cost = cost or {}
+  if has_loop:
+    return None, ('the compiled step has a loop (microbatches), and the cost analysis counts '
+                  'a loop body once')
+  seconds = cost.get('optimal_seconds')
+  if seconds is not None and seconds > 0:
+    return float(seconds), "the TPU compiler's estimate"
+  flops, moved = cost.get('flops'), cost.get('bytes accessed')
+  if not (flops and moved and peak_flops and hbm_bytes_per_second):
+    return None, ("libtpu's cost analysis gives no usable optimal_seconds "
+                  f'({seconds!r}) and no flop and byte counts to bound it')
+  bound = max(flops / peak_flops, moved / hbm_bytes_per_second)
+  return bound, (f"a roofline from the TPU compiler's counts ({flops:.3g} flops, "
+                 f'{moved / GiB:.2f} GiB accessed; its own optimal_seconds is {seconds:.3g})')
+
+
+def _add_estimate(plan: Plan, compiled, trainer, lengths) -> None:
   from t5tpu import trainer as trainer_lib
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  seconds = (cost or {}).get('optimal_seconds')
   plan.model_flops = plan.batch_size * trainer_lib.train_flops_per_example(
       trainer.model.config, lengths['inputs'], lengths['targets'])
   device = trainer.partitioner.mesh.devices.flat[0]
   plan.peak_flops = trainer_lib.peak_flops_per_device(device.device_kind, device.platform)
-  if not seconds or seconds <= 0:
-    plan.estimate_note = "this libtpu's cost analysis gives no optimal_seconds"
-  elif _LOOP.search(compiled.as_text()):
-    plan.estimate_note = ('the compiled step has a loop (microbatches), and the cost analysis '
-                          'counts a loop body once')
-  else:
-    plan.estimated_seconds = float(seconds)
+  topo = TOPOLOGIES.get(plan.topology)
+  seconds, what = step_estimate(cost, bool(_LOOP.search(compiled.as_text())), plan.peak_flops,
+                                topo.hbm_bytes_per_second if topo else None)
+  plan.estimated_seconds = seconds
+  plan.estimate_note = what
 
 
 # ----------------------------------------------------------------------------- set-up

@@ -189,10 +189,27 @@ def test_step_time_estimate_only_without_a_loop():
   assert p.estimated_seconds is not None and p.estimated_seconds > 0
   assert p.peak_flops == 197e12 and p.model_flops > 0
   assert 0 < p.estimated_mfu < 1
-  assert "the TPU compiler's estimate (not measured)" in p.summary()
+  assert "estimated (not measured)" in p.summary()
+  assert "the TPU compiler's estimate" in p.summary()
   micro = plan.memory_report(_model(), 'v5e-1', 8, LENGTHS, num_microbatches=2)
   assert micro.fits and micro.estimated_seconds is None and micro.estimated_mfu is None
   assert 'counts a loop body once' in micro.summary()
+
+
+def test_negative_optimal_seconds_gives_a_roofline_instead():
+  """What libtpu gave for T5.1.1-small on v5e-1: a negative optimal_seconds beside sound
+  counts. The estimate is then the roofline of those counts, and says so."""
+  small = {'optimal_seconds': -109.99, 'flops': 2.09e11, 'bytes accessed': 7.53e9}
+  v5e = plan.TOPOLOGIES['v5e-1']
+  seconds, what = plan.step_estimate(small, False, 197e12, v5e.hbm_bytes_per_second)
+  assert seconds == pytest.approx(7.53e9 / 819e9)  # memory-bound by the counts
+  assert what.startswith('a roofline') and '-110' in what
+  seconds, what = plan.step_estimate({**small, 'bytes accessed': 1e6}, False, 197e12, 819e9)
+  assert seconds == pytest.approx(2.09e11 / 197e12)  # compute-bound
+  assert plan.step_estimate({'optimal_seconds': 0.01}, False, 197e12, 819e9) == (
+      0.01, "the TPU compiler's estimate")
+  assert plan.step_estimate({'optimal_seconds': -1.0}, False, None, None)[0] is None
+  assert plan.step_estimate(small, True, 197e12, 819e9)[0] is None
 
 
 @pytest.mark.timeout(300)
