@@ -38,6 +38,7 @@ EXTRAS = {
     'test': [
         'pytest',
         'pytest-timeout',
+        'pytest-xdist',  # pytest.ini runs the suite on two workers
         'torch==2.13.0',  # exactly: the CPU wheel on these machines; others pull CUDA builds
         'transformers==5.24.0',
         'peft==0.21.2',  # the reference for PEFT LoRA interop (t5tpu/formats/peft.py)

@@ -1,11 +1,18 @@
 """Fixtures for the cloud tests: one loopback GCS server per session, a fresh bucket per test."""
 import itertools
+import os
 
 import pytest
 
 from tests.cloud import gcs_server
 
 _names = itertools.count()
+
+
+def _bucket_name() -> str:
+  # Unique per process: gs:// copies are cached under ~/.cache/t5tpu/gcs/<bucket>/..., which
+  # parallel test workers (pytest -n) and earlier runs share.
+  return f't5tpu-test-{os.getpid()}-{next(_names)}'
 
 
 @pytest.fixture(scope='session')
@@ -28,7 +35,7 @@ def fake_gcs(gcs_server_process, monkeypatch):
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   storage.reset_clients()
-  server.bucket = server.create_bucket(f't5tpu-test-{next(_names)}')
+  server.bucket = server.create_bucket(_bucket_name())
   server.env = env
   yield server
   storage.reset_clients()
@@ -49,7 +56,7 @@ def gcs_faults(gcs_server_process, monkeypatch):
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   storage.reset_clients()
-  proxy.bucket = server.create_bucket(f't5tpu-test-{next(_names)}')
+  proxy.bucket = server.create_bucket(_bucket_name())
   proxy.env = env
   yield proxy
   storage.reset_clients()
