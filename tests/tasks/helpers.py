@@ -36,8 +36,12 @@ def fake_tfds(examples_by_dataset):
       return tf.ragged.constant(values, dtype=tf.string)
     return tf.constant(values)
 
-  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
-    yield requested
+  import seqio
+  try:
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+      yield requested
+  finally:  # seqio memoizes the mocked builders: later tests must build their own
+    seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
 
 
 def read_split(task_name, split, lengths=None):

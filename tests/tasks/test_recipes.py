@@ -63,8 +63,10 @@ def mock_xsum(data_dir, n: int):
 
 @pytest.fixture
 def forget_tfds_builders():
-  """seqio memoizes TFDS builders, mocked split sizes included: later tests must not see them."""
+  """seqio memoizes TFDS builders, mocked split sizes included: this test must not see an
+  earlier test's (whatever order the workers run modules in), nor later tests its own."""
   import seqio
+  seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
   yield
   seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
 
