@@ -6,6 +6,7 @@ exit 2) that names the problem and the fix, and leaves MODEL_DIR as it was.
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -202,29 +203,37 @@ def _damage(step_dir: str, how: str) -> str:
   return victim
 
 
+@pytest.fixture(scope='module')
+def runs_to_4_and_6(tmp_path_factory):
+  """A MODEL_DIR trained to step 4 (checkpoints 2 and 4), and an uninterrupted run to 6: the
+  same for each way of damaging, so made once."""
+  from tests.test_kill9 import command
+  env = subprocess_env.user_env()
+  root = tmp_path_factory.mktemp('damaged')
+  for name, steps in (('to_4', 4), ('straight', 6)):
+    done = subprocess.run(command(str(root / name), steps), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+  return str(root / 'to_4'), str(root / 'straight')
+
+
 @pytest.mark.parametrize('how', ['truncate', 'delete'])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, how):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, how, runs_to_4_and_6):
   """As after a crash: each run is a new process (an in-process rerun could be served from
   the caches of the run that wrote the checkpoint)."""
   from tests.test_kill9 import assert_same, command
-  env = subprocess_env.user_env()
+  to_4, straight = runs_to_4_and_6
   model_dir = str(tmp_path / 'm')
-  first = subprocess.run(command(model_dir, 4), env=env, capture_output=True, text=True,
-                         timeout=600)
-  assert first.returncode == 0, first.stderr[-2000:]
+  shutil.copytree(to_4, model_dir)
   assert checkpoints.all_steps(model_dir) == [2, 4]
   _damage(os.path.join(model_dir, 'checkpoint_4'), how)
-  again = subprocess.run(command(model_dir, 6), env=env, capture_output=True, text=True,
-                         timeout=600)
+  again = subprocess.run(command(model_dir, 6), env=subprocess_env.user_env(),
+                         capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
   assert f'checkpoint {model_dir}/checkpoint_4 is damaged' in again.stderr
   assert 'resumed from' in again.stderr and 'checkpoint_2 (step 2)' in again.stderr
   assert len(glob.glob(f'{model_dir}/checkpoint_4.unreadable-*')) == 1  # kept, aside
   assert checkpoints.all_steps(model_dir) == [2, 4, 6]
-  straight = str(tmp_path / 'straight')
-  ref = subprocess.run(command(straight, 6), env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert ref.returncode == 0, ref.stderr[-2000:]
   assert_same(checkpoints.step_dir(model_dir, 6), checkpoints.step_dir(straight, 6))
 
 
