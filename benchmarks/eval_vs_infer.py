@@ -11,7 +11,8 @@ saved as a checkpoint; then the first N and 2N questions of knowledge_qa's valid
     writing predictions).
 Seconds per example are the marginal cost, (time(2N) - time(N)) / N, so what is paid once
 (compiling, restoring the checkpoint, building the pipeline) cancels out and the rows compare
-the per-example work (each side runs once first, untimed, for the process's first-use costs). Both sides decode the same tokens (the predictions are checked equal).
+the per-example work (each side runs once first, untimed, for the process's first-use costs;
+then the best of --repeats runs of each size counts). Both sides decode the same tokens (the predictions are checked equal).
 Writes JSON with --json.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ def parse():
   p.add_argument('--targets', type=int, default=32)
   p.add_argument('--dtype', default='auto', help="activation dtype: float32, bfloat16, or "
                  "auto (bfloat16 on accelerators, float32 on CPU)")
+  p.add_argument('--repeats', type=int, default=3, help='timed runs per size (the best counts)')
   p.add_argument('--json', default=None, help='write results here')
   return p.parse_args()
 
@@ -93,6 +95,12 @@ def time_infer(model, part, path, args, n: int, work: str):
   return seconds, [json.loads(l)['prediction'] for l in open(out)]
 
 
+def best_of(repeats: int, run):
+  """(the least seconds, the predictions) of `repeats` calls run(i)."""
+  results = [run(i) for i in range(repeats)]
+  return min(r[0] for r in results), results[-1][1]
+
+
 def main():
   args = parse()
   import jax
@@ -103,8 +111,11 @@ def main():
     for name, fn in [('inference eval (training)', time_evaluator),
                      ('t5tpu infer', time_infer)]:
       fn(model, part, path, args, n, work + '/warm')  # the process's first-use costs
-      t1, p1 = fn(model, part, path, args, n, work)
-      t2, p2 = fn(model, part, path, args, 2 * n, work)
+      # The best of --repeats for each size: one slow run (the machine is shared) would
+      # otherwise swing the difference of two times.
+      t1, p1 = best_of(args.repeats, lambda i: fn(model, part, path, args, n, f'{work}/n{i}'))
+      t2, p2 = best_of(args.repeats,
+                       lambda i: fn(model, part, path, args, 2 * n, f'{work}/2n{i}'))
       assert p2[:n] == p1, f'{name}: the first {n} predictions changed with more examples'
       rows.append(dict(system=name, seconds_n=t1, seconds_2n=t2,
                        per_example=(t2 - t1) / n, predictions=p2))

@@ -40,3 +40,18 @@ def test_gpu_suite_runs_every_benchmark_with_tiny_shapes(tmp_path):
   assert search['largest_batch'] and search['largest_batch'] % 8 == 0
   assert search['trials'][-1]['ran']
   assert 'ratio' in proc.stdout
+
+
+def test_eval_vs_infer_decodes_the_same_and_prints_both_rows(tmp_path):
+  out = tmp_path / 'eval_vs_infer.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'eval_vs_infer.py'), '--model',
+       't5_1_1/tiny', '--batch', '4', '--examples', '8', '--inputs', '32', '--targets', '8',
+       '--repeats', '1', '--json', str(out)],
+      env=subprocess_env.user_env(JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'same predictions: True' in proc.stdout
+  rows = json.loads(out.read_text())['results']
+  assert [r['system'] for r in rows] == ['inference eval (training)', 't5tpu infer']
+  assert all(r['seconds_2n'] > 0 and r['seconds_n'] > 0 for r in rows)
