@@ -259,8 +259,9 @@ def step_estimate(cost: Optional[dict], has_loop: bool, peak_flops: Optional[flo
     return None, ("libtpu's cost analysis gives no usable optimal_seconds "
                   f'({seconds!r}) and no flop and byte counts to bound it')
   bound = max(flops / peak_flops, moved / hbm_bytes_per_second)
+  own = f'{seconds:.3g}' if seconds is not None else 'absent'
   return bound, (f"a roofline from the TPU compiler's counts ({flops:.3g} flops, "
-                 f'{moved / GiB:.2f} GiB accessed; its own optimal_seconds is {seconds:.3g})')
+                 f'{moved / GiB:.2f} GiB accessed; its own optimal_seconds is {own})')
 
 
 def _add_estimate(plan: Plan, compiled, trainer, lengths) -> None:

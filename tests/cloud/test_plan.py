@@ -210,6 +210,9 @@ def test_negative_optimal_seconds_gives_a_roofline_instead():
       0.01, "the TPU compiler's estimate")
   assert plan.step_estimate({'optimal_seconds': -1.0}, False, None, None)[0] is None
   assert plan.step_estimate(small, True, 197e12, 819e9)[0] is None
+  counts_only = {'flops': 2.09e11, 'bytes accessed': 7.53e9}  # no optimal_seconds at all
+  seconds, what = plan.step_estimate(counts_only, False, 197e12, 819e9)
+  assert seconds == pytest.approx(7.53e9 / 819e9) and 'optimal_seconds is absent' in what
 
 
 @pytest.mark.timeout(300)
