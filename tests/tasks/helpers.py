@@ -36,12 +36,18 @@ def fake_tfds(examples_by_dataset):
       return tf.ragged.constant(values, dtype=tf.string)
     return tf.constant(values)
 
-  import seqio
   try:
     with tfds.testing.mock_data(as_dataset_fn=as_dataset):
       yield requested
-  finally:  # seqio memoizes the mocked builders: later tests must build their own
-    seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
+  finally:
+    forget_tfds_builders()
+
+
+def forget_tfds_builders():
+  """seqio memoizes TFDS builders, mocked split sizes included: a test that mocks TFDS must
+  not see an earlier test's, nor leave its own to later tests."""
+  import seqio
+  seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
 
 
 def read_split(task_name, split, lengths=None):

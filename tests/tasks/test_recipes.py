@@ -11,6 +11,7 @@ import gin
 import pytest
 
 from t5tpu import train
+from tests.tasks import helpers
 from tests.tasks.helpers import seqio_test_spm
 
 TINY = ['--gin.network.T5Config.emb_dim=16', '--gin.network.T5Config.num_heads=2',
@@ -63,12 +64,10 @@ def mock_xsum(data_dir, n: int):
 
 @pytest.fixture
 def forget_tfds_builders():
-  """seqio memoizes TFDS builders, mocked split sizes included: this test must not see an
-  earlier test's (whatever order the workers run modules in), nor later tests its own."""
-  import seqio
-  seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
+  """Memoized TFDS builders cleared before and after (whatever order workers run modules in)."""
+  helpers.forget_tfds_builders()
   yield
-  seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()  # pylint: disable=protected-access
+  helpers.forget_tfds_builders()
 
 
 def test_xsum_recipe_on_mock_data(tmp_path, clean_gin, forget_tfds_builders):
