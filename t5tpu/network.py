@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from t5tpu import matmul
 from t5tpu.delta import modules as delta_modules
 
 Array = jax.Array
@@ -120,6 +121,7 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """Logits against the embedding table (T5 1.0's tied output layer), float32 out."""
+    # (Kept as the batched einsum: the flattened form changes float32 sums in its gradient.)
     return jnp.einsum('...e,ve->...v', x, self.embedding.astype(x.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -137,18 +139,6 @@ class RMSNorm(nn.Module):
     return (x32 * scale).astype(self.dtype)
 
 
-def project(x, kernel, output_dtype=None):
-  """x [..., in] @ kernel [in, out] as one 2-D matmul over the flattened leading axes.
-
-  The same products and sums as the batched einsum (bit-identical on CPU), but autodiff then
-  takes the kernel's gradient as one [tokens, out]^T [tokens, in] matmul. With the 3-D form,
-  XLA:CPU transposed the activation gradient into a fused elementwise loop first: 40% of the
-  MLP's backward pass on a 2-core machine (benchmarks/train_throughput.py).
-  """
-  y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel, preferred_element_type=output_dtype)
-  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
-
-
 class Dense(nn.Module):
   """A bias-free projection with a 2-D kernel [in, out] and logical axes (plus the LoRA
   branch or BitFit bias a delta config gives it)."""
@@ -163,7 +153,7 @@ class Dense(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                     self.kernel_axes)
-    y = project(x, kernel.astype(self.dtype), self.output_dtype)
+    y = matmul.project(x, kernel.astype(self.dtype), self.output_dtype)
     if self.delta is not None:
       y = delta_modules.dense_deltas(self, self.delta, x, y, self.kernel_axes, deterministic)
     return y
