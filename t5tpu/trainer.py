@@ -300,14 +300,16 @@ def peak_flops_per_device(device_kind: str, platform: str) -> Optional[float]:
 
 
 def _measure_cpu_matmul_flops() -> float:
-  """CPU 'peak': float32 matmul throughput of this machine, the best of 20 runs (~0.3 s on
-  2 cores; with 5, a shared machine's slow moments gave peaks under what the train step's
-  matmuls reached, and MFU over 100%)."""
+  """CPU 'peak': float32 matmul throughput of this machine, the best of 20 runs after 10
+  untimed ones (~0.5 s on 2 cores). With 5 runs and one warm-up, the first matmuls of a
+  process (thread pools and clocks still waking) gave peaks under what the train step's own
+  matmuls then reached, and MFU over 100%."""
   import time
   n = 1024
   a = jnp.ones((n, n), jnp.float32)
   mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
+  for _ in range(10):
+    mm(a).block_until_ready()
   best = float('inf')
   for _ in range(20):
     t0 = time.perf_counter()
