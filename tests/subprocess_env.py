@@ -1,4 +1,5 @@
 """Running t5tpu the way a user does: a subprocess with the user's environment, not the tests'."""
+import os
 import re
 
 ERROR_LOOKING = re.compile(r'ERROR|E0000|INVALID_ARGUMENT|Traceback')
@@ -9,6 +10,8 @@ def user_env(**extra) -> dict:
   tests (8 CPU devices, JAX_PLATFORMS) and what imported libraries set (jax, for libtpu)."""
   from tests import conftest
   env = dict(conftest.USER_ENVIRON)
+  # The session's compilation cache changes how fast a program loads, not what it does.
+  env.setdefault(conftest.CACHE_ENV, os.environ[conftest.CACHE_ENV])
   env.update(extra)
   return env
 
