@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from t5tpu import matmul
 from t5tpu.delta import modules as delta_modules
 
 Array = jax.Array
@@ -120,6 +121,7 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """Logits against the embedding table (T5 1.0's tied output layer), float32 out."""
+    # (Kept as the batched einsum: the flattened form changes float32 sums in its gradient.)
     return jnp.einsum('...e,ve->...v', x, self.embedding.astype(x.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -151,8 +153,7 @@ class Dense(nn.Module):
   def __call__(self, x, deterministic: bool = True):
     kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                     self.kernel_axes)
-    y = jnp.einsum('...i,io->...o', x, kernel.astype(self.dtype),
-                   preferred_element_type=self.output_dtype)
+    y = matmul.project(x, kernel.astype(self.dtype), self.output_dtype)
     if self.delta is not None:
       y = delta_modules.dense_deltas(self, self.delta, x, y, self.kernel_axes, deterministic)
     return y

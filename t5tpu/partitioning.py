@@ -108,11 +108,23 @@ class PjitPartitioner:
     with jax.sharding.set_mesh(self.mesh), nn.logical_axis_rules(self.logical_axis_rules):
       yield
 
-  def check_batch_size(self, batch_size: int):
+  def check_batch_size(self, batch_size: int, num_microbatches: Optional[int] = None):
+    """Every device holds whole examples of every microbatch.
+
+    A microbatch smaller than the data-parallel size would be padded over the devices, and
+    with unevenly sharded activations XLA's SPMD partitioner has given wrong gradients
+    (padding rows scattered into the pad token's embedding), besides idle devices."""
+    devices = (f'{len(self.mesh.devices.flat)} devices / {self.model_size} model partitions')
     if batch_size % self.data_size:
       raise errors.UserError(f'BATCH_SIZE={batch_size} must be a multiple of the data-parallel '
-                       f'size {self.data_size} ({len(self.mesh.devices.flat)} devices / '
-                       f'{self.model_size} model partitions)')
+                             f'size {self.data_size} ({devices})')
+    k = num_microbatches or 1
+    if batch_size % (self.data_size * k):
+      raise errors.UserError(
+          f'BATCH_SIZE={batch_size} with NUM_MICROBATCHES={k} gives microbatches that do not '
+          f'split evenly over the data-parallel size {self.data_size} ({devices}): BATCH_SIZE '
+          f'must be a multiple of {self.data_size} x {k} = {self.data_size * k}; use fewer '
+          'microbatches, a larger batch or more model partitions')
 
 
 @functools.lru_cache(maxsize=64)

@@ -435,7 +435,7 @@ def train(*,
       param_dtype=_check_param_dtype(param_dtype))
   # Seconds, not minutes of retries: MODEL_DIR is written, INITIAL_CHECKPOINT_PATH only read.
   storage.check_reachable(run.model_dir, read_only=[run.restore_cfg.path])
-  partitioner.check_batch_size(train_dataset_cfg.batch_size)
+  partitioner.check_batch_size(train_dataset_cfg.batch_size, run.num_microbatches)
   data_lib.check_task(train_dataset_cfg, model)
   delta_lib.check_data(delta_lib.config_of(model), [train_dataset_cfg, train_eval_dataset_cfg])
   if run.early_stopping.enabled and not (infer_eval_dataset_cfg and eval_period):

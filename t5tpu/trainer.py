@@ -181,10 +181,11 @@ class Trainer:
       (_, metrics), grads = grad_fn(params, batch, dropout_rng, normalizer)
       return grads, metrics
 
+    # At trace time, for callers that skip train.py's check of the gin values.
+    self.partitioner.check_batch_size(jax.tree.leaves(batch)[0].shape[0], k)
+
     def split(x):  # [b, ...] -> [k, b/k, ...]; each microbatch takes a slice of every shard
       b = x.shape[0]
-      if b % k:
-        raise ValueError(f'batch size {b} is not divisible by num_microbatches={k}')
       x = x.reshape((b // k, k) + x.shape[1:])
       return jnp.swapaxes(x, 0, 1)
 

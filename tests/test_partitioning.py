@@ -70,12 +70,13 @@ def test_state_created_sharded_without_host_copy():
   assert len({s.device for s in v_col.addressable_shards}) == 8
 
 
-def test_microbatches_equal_one_big_batch():
+@pytest.mark.parametrize('num_partitions,num_microbatches', [(2, 2), (4, 4)])
+def test_microbatches_equal_one_big_batch(num_partitions, num_microbatches):
   params = initial_params()
-  part = partitioning.PjitPartitioner(num_partitions=2)
+  part = partitioning.PjitPartitioner(num_partitions=num_partitions)
   model = tiny.tiny_model(num_heads=4, head_dim=8, dropout_rate=0.0)
   l1, p1, _ = run_steps(part, params, model=model)
-  l4, p4, _ = run_steps(part, params, num_microbatches=4, model=model)
+  l4, p4, _ = run_steps(part, params, num_microbatches=num_microbatches, model=model)
   np.testing.assert_allclose(l1, l4, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
 
@@ -86,3 +87,8 @@ def test_bad_partition_count_is_a_clear_error():
   part = partitioning.PjitPartitioner(num_partitions=2)
   with pytest.raises(ValueError, match='BATCH_SIZE=6 must be a multiple'):
     part.check_batch_size(6)
+  part.check_batch_size(8, 2)
+  with pytest.raises(ValueError, match='NUM_MICROBATCHES=4 gives microbatches'):
+    part.check_batch_size(8, 4)  # 2 examples per microbatch over 4 data-parallel devices
+  with pytest.raises(ValueError, match='NUM_MICROBATCHES=3'):  # the trainer checks it too
+    run_steps(part, initial_params(), steps=1, num_microbatches=3)

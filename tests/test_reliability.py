@@ -106,6 +106,14 @@ def test_batch_not_divisible_by_the_data_parallel_size(tmp_path, copy_task):
   assert not (tmp_path / 'm').exists()
 
 
+def test_microbatches_smaller_than_the_data_parallel_size(tmp_path, copy_task):
+  # 8 examples in 4 microbatches: 2 per microbatch over 4 data-parallel devices.
+  with pytest.raises(errors.UserError, match='NUM_MICROBATCHES=4 gives microbatches .* '
+                     'multiple of 4 x 4 = 16; use fewer microbatches'):
+    run(tmp_path / 'm', 2, num_microbatches=4)
+  assert not (tmp_path / 'm').exists()
+
+
 def test_model_gin_unlike_the_checkpoint_in_model_dir(tmp_path, copy_task, caplog):
   model_dir = tmp_path / 'm'
   run(model_dir, 2)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from t5tpu import delta as delta_lib
+from t5tpu import matmul
 
 
 def _param(module: nn.Module, name: str, init, shape, axes):
@@ -41,8 +42,8 @@ def dense_deltas(module: nn.Module, cfg: delta_lib.DeltaConfig, x, y, kernel_axe
     h = x
     if lora.dropout and not deterministic:
       h = nn.Dropout(lora.dropout)(h, deterministic=False)
-    low = jnp.einsum('...i,ir->...r', h, a.astype(x.dtype))
-    y = y + (jnp.einsum('...r,ro->...o', low, b.astype(x.dtype)) * lora.scale).astype(y.dtype)
+    low = matmul.project(h, a.astype(x.dtype))
+    y = y + (matmul.project(low, b.astype(x.dtype)) * lora.scale).astype(y.dtype)
   bitfit = cfg.bitfit
   if bitfit is not None and bitfit.applies_to(path):
     bias = _param(module, 'bias', nn.initializers.zeros, (features,), (kernel_axes[1],))
@@ -66,8 +67,8 @@ class Adapter(nn.Module):
     down = _param(self, 'down', nn.initializers.normal(self.cfg.init_scale),
                   (d, self.cfg.dim), ('embed', None))
     up = _param(self, 'up', nn.initializers.zeros, (self.cfg.dim, d), (None, 'embed'))
-    z = _ACTIVATIONS[self.cfg.activation](jnp.einsum('...d,dm->...m', h, down.astype(h.dtype)))
-    return h + jnp.einsum('...m,md->...d', z, up.astype(h.dtype))
+    z = _ACTIVATIONS[self.cfg.activation](matmul.project(h, down.astype(h.dtype)))
+    return h + matmul.project(z, up.astype(h.dtype))
 
 
 def adapt(cfg: Optional[delta_lib.DeltaConfig], sublayer: str, y, dtype):
