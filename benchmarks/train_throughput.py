@@ -157,6 +157,19 @@ def bench_hf(cfg, args, batches, optimizer: str, compile_model: bool = False):
   return times[args.warmup:], loss
 
 
+def release_torch_memory():
+  """Gives the GPU memory PyTorch has cached (and torch.compile's graphs) back to the device."""
+  import gc
+  import sys
+  if 'torch' not in sys.modules:
+    return
+  import torch
+  torch._dynamo.reset()
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
+
+
 def main():
   args = parse()
   import jax
@@ -172,13 +185,28 @@ def main():
   opt_names = ['adafactor', 'adamw'] if args.optimizer == 'both' else [args.optimizer]
 
   rows = []  # (optimizer, system, step seconds, first loss)
+
+  def measured(opt, name, t, loss):  # each row as it comes: a cut-short run keeps the rest
+    rows.append((opt, name, float(np.median(t)), loss))
+    print(f'{opt} {name}: {rows[-1][2]:.4f} s per step', flush=True)
+
+  # transformers first: its memory can be handed back, JAX's pool only grows (on a GPU the
+  # other order ran transformers out of memory beside t5tpu's pool).
   for opt in opt_names:
-    t, loss = bench_t5tpu(cfg, args, batches, opt)
-    rows.append((opt, 't5tpu (jax)', float(np.median(t)), loss))
     for compiled in ([] if args.skip_hf else [False] + [True] * args.torch_compile):
-      t, loss = bench_hf(cfg, args, batches, opt, compiled)
-      rows.append((opt, 'transformers + compile' if compiled else 'transformers (eager)',
-                   float(np.median(t)), loss))
+      name = 'transformers + compile' if compiled else 'transformers (eager)'
+      try:
+        measured(opt, name, *bench_hf(cfg, args, batches, opt, compiled))
+      except Exception as e:  # noqa: BLE001  torch.compile's failures are its own; say so
+        if not compiled:
+          raise
+        print(f'{opt} {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})')
+  release_torch_memory()
+  for opt in opt_names:
+    measured(opt, 't5tpu (jax)', *bench_t5tpu(cfg, args, batches, opt))
+  order = {n: i for i, n in enumerate(['t5tpu (jax)', 'transformers (eager)',
+                                       'transformers + compile'])}
+  rows.sort(key=lambda r: (opt_names.index(r[0]), order[r[1]]))
   print(f'\n{args.model} ({dtype}, vocab {cfg.vocab_size}), batch {args.batch}, '
         f'{args.inputs}/{args.targets} tokens, '
         f'{dev.device_kind}; {flops / args.batch / 1e9:.2f} GFLOP per example; '
@@ -212,12 +240,14 @@ def packed_table(cfg, args, opt_names):
   tokens = sum(real_tokens(packed[i % n]) for i in range(args.warmup, n))
   examples = np.mean([b['encoder_input_tokens'].shape[0] for b in padded])
   rows = []
+  for opt in ([] if args.skip_hf else opt_names):  # transformers first, as in main
+    t, _ = bench_hf(cfg, args, padded, opt)
+    rows.append((opt, 'transformers, padded', sum(t)))
+  release_torch_memory()
   for opt in opt_names:
     t, _ = bench_t5tpu(cfg, args, packed, opt)
     rows.append((opt, 't5tpu (jax), packed', sum(t)))
-    if not args.skip_hf:
-      t, _ = bench_hf(cfg, args, padded, opt)
-      rows.append((opt, 'transformers, padded', sum(t)))
+  rows.sort(key=lambda r: (opt_names.index(r[0]), not r[1].startswith('t5tpu')))
   fill = tokens / ((args.steps) * args.batch * (args.inputs + args.targets))
   print(f'\npacked: knowledge_qa train split, {examples:.0f} examples per step '
         f'({args.batch} rows of {args.inputs}/{args.targets}, {fill:.0%} of their tokens '
