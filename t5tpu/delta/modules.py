@@ -107,16 +107,20 @@ class PrefixKeysValues(nn.Module):
     return kv[:, 0], kv[:, 1]
 
 
-def add_prefix(cfg: Optional[delta_lib.DeltaConfig], key, value, bias, num_heads, head_dim):
-  """Keys and values [b, k, h, d] with the prefix's before them; the bias [.., q, k] gains
-  zero columns for the prefix (no position bias, never masked). Call inside the attention."""
+def add_prefix(cfg: Optional[delta_lib.DeltaConfig], key, value, bias, num_heads, head_dim,
+               heads_major: bool = False):
+  """Keys and values [b, k, h, d] ([b, h, k, d] when `heads_major`, decoding's cache layout)
+  with the prefix's before them; the bias [.., q, k] gains zero columns for the prefix (no
+  position bias, never masked). Call inside the attention."""
   prefix = cfg.prefix if cfg is not None else None
   if prefix is None:
     return key, value, bias
-  pk, pv = PrefixKeysValues(prefix, num_heads, head_dim, name='prefix')()
-  b = key.shape[0]
+  pk, pv = PrefixKeysValues(prefix, num_heads, head_dim, name='prefix')()  # [k, h, d]
+  if heads_major:
+    pk, pv = jnp.swapaxes(pk, 0, 1), jnp.swapaxes(pv, 0, 1)
+  b, axis = key.shape[0], 2 if heads_major else 1
   widen = lambda p, x: jnp.concatenate(
-      [jnp.broadcast_to(p.astype(x.dtype)[None], (b,) + p.shape), x], axis=1)
+      [jnp.broadcast_to(p.astype(x.dtype)[None], (b,) + p.shape), x], axis=axis)
   key, value = widen(pk, key), widen(pv, value)
   if bias is not None:
     bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 1) + [(prefix.length, 0)])
