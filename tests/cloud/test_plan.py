@@ -118,6 +118,28 @@ def test_bisection_drops_a_line_that_a_failure_refuted():
   assert len(setup.compiled) <= 9, setup.compiled
 
 
+def test_flat_peaks_double_instead_of_following_the_line():
+  """The compiler rematerialises to fit: the peak stays flat over a range of batches (large on
+  a v5e-1: 13.17 GiB at 64, 13.18 at 81), and a line through two flat points reaches HBM at an
+  absurd batch. The search doubles there instead, so no probe jumps far past what fitted."""
+
+  peak = lambda b: 1 + 0.1 * min(b, 64) + 1e-5 * max(b - 64, 0) + 0.5 * max(b - 200, 0)
+
+  class Plateau(_FakeSetup):
+    def compile(self, b):
+      self.compiled.append(b)
+      return plan.Plan('v5e-1', b, {}, self.hbm, peak(b) <= self.hbm, peak=peak(b))
+
+  setup = Plateau(unit=1, per_example=0.0, hbm=10.0, batch_size=64)
+  search = plan.find_max_batch(setup, start=64, limit=4096)
+  assert (search.best.batch_size, search.smallest_failure.batch_size) == (205, 206)
+  fitted = 0
+  for b in setup.compiled:  # no probe is more than double the largest batch that fitted
+    assert fitted == 0 or b <= 2 * fitted, setup.compiled
+    if peak(b) <= 10.0:
+      fitted = max(fitted, b)
+
+
 @pytest.mark.timeout(300)
 def test_cli_from_gin(tmp_path):
   """The run's gin decides model, partitioning and batch; the topology's devices are used."""
