@@ -34,3 +34,32 @@ def test_output_dtype_and_mixed_inputs():
   assert y.dtype == jnp.float32
   np.testing.assert_allclose(y, jnp.einsum('...i,io->...o', x.astype(jnp.float32),
                                            kernel.astype(jnp.float32)), rtol=1e-6)
+
+
+
+def _dot_lhs_ranks(fn, *args):
+  """The rank of each dot_general's left operand, nested jaxprs included."""
+  ranks = []
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == 'dot_general':
+        ranks.append(e.invars[0].aval.ndim)
+      for sub in jax.core.jaxprs_in_params(e.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return ranks
+
+
+def _mesh_on(platform):
+  device = jax.sharding.AbstractDevice(device_kind=platform, num_cores=None, platform=platform)
+  return jax.sharding.AbstractMesh((1,), ('data',), abstract_device=device)
+
+
+def test_the_form_follows_the_platform_traced_for():
+  x, kernel = _inputs()
+  project = jax.jit(matmul.project)
+  assert _dot_lhs_ranks(project, x, kernel) == [2]  # no mesh: this host's platform, CPU
+  with jax.sharding.use_abstract_mesh(_mesh_on('tpu')):  # as `t5tpu plan` traces for a TPU
+    assert _dot_lhs_ranks(project, x, kernel) == [3]  # the batched einsum: less TPU memory
+  with jax.sharding.use_abstract_mesh(_mesh_on('cpu')):
+    assert _dot_lhs_ranks(project, x, kernel) == [2]

@@ -195,6 +195,20 @@ def test_delta_step_plans_with_a_frozen_bfloat16_base():
   assert lora.opt_state < 0.2 * full.opt_state
 
 
+def test_tpu_programs_trace_projections_as_batched_einsums():
+  """The partitioner's mesh names the platform: a TPU step traced on this CPU host gets the
+  einsum form, which takes the TPU compiler less memory (docs/tpu-memory.md)."""
+  import jax
+  from t5tpu import matmul, partitioning
+  tpu = partitioning.PjitPartitioner(devices=plan.topology_devices('v5e-1'))
+  cpu = partitioning.PjitPartitioner()
+  seen = {}
+  for name, part in (('tpu', tpu), ('cpu', cpu)):
+    with part.context():
+      jax.make_jaxpr(lambda: seen.setdefault(name, matmul.flattens()))()
+  assert seen == {'tpu': False, 'cpu': True}
+
+
 def test_topologies_build():
   counts = {name: len(plan.topology_devices(name)) for name in plan.TOPOLOGIES}
   assert counts == {'v5e-1': 1, 'v6e-1': 1, 'v2-8': 8, 'v3-8': 8, 'v4-8': 4, 'v4-8-cores': 8,
