@@ -36,7 +36,6 @@ def test_output_dtype_and_mixed_inputs():
                                            kernel.astype(jnp.float32)), rtol=1e-6)
 
 
-
 def _dot_lhs_ranks(fn, *args):
   """The rank of each dot_general's left operand, nested jaxprs included."""
   ranks = []
