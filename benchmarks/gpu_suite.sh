@@ -2,7 +2,9 @@
 # The GPU numbers of docs/performance.md in one go (a few minutes on an H100/H200):
 #   1. train, T5.1.1-base, batch 64, 512/128 tokens, bf16: t5tpu vs transformers eager and
 #      torch.compile (AdamW on both sides), tokens/s and MFU; and packed closed-book QA
-#      against the same examples padded per batch (real tokens/s; needs seqio)
+#      against the same examples padded per batch (real tokens/s; needs seqio); then a trace
+#      of t5tpu's step and a table of where its time goes (matmuls, fusions, copies, the
+#      costliest operations), with the trace under $OUT/profile_base for TensorBoard
 #   2. the same for T5.1.1-large at batch 32
 #   3. greedy and beam-4 decoding of T5.1.1-base, batch 64, 512 inputs, 128 new tokens
 #   4. the largest batch of T5.1.1-xl (3B) full fine-tuning that fits, AdamW
@@ -54,7 +56,7 @@ step() {  # step NAME COMMAND...: runs one benchmark, remembers a failure, goes 
 }
 
 step "1. train: base" $py benchmarks/train_throughput.py $base --optimizer adamw $compile $packed \
-  --json "$out/train_base.json"
+  --profile "$out/profile_base" --json "$out/train_base.json"
 step "2. train: large" $py benchmarks/train_throughput.py $large --optimizer adamw $compile \
   --json "$out/train_large.json"
 step "3. decode: greedy and beam 4" $py benchmarks/decode_throughput.py $decode --beams 1,4 \

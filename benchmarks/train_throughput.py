@@ -3,6 +3,7 @@
   python benchmarks/train_throughput.py --model t5_1_1/small --batch 8 --inputs 128 --targets 32
   python benchmarks/train_throughput.py --vocab 512     # t5x's own CPU reference workload
   python benchmarks/train_throughput.py --packed        # + closed-book QA lengths, packed
+  python benchmarks/train_throughput.py --profile /tmp/p  # + where the t5tpu step's time goes
 
 Both sides train the same T5 shape on the same random token batches with each optimizer
 (Adafactor: t5x defaults on our side, transformers' Adafactor with a fixed learning rate on
@@ -49,6 +50,9 @@ def parse():
                  help='also a row of transformers under torch.compile')
   p.add_argument('--packed', action='store_true',
                  help='also the packed closed-book QA table (real tokens/s)')
+  p.add_argument('--profile', default=None, metavar='DIR',
+                 help='trace --steps more t5tpu steps into DIR (TensorBoard profile) and print '
+                      'where their time goes')
   p.add_argument('--json', default=None, help='write results here')
   return p.parse_args()
 
@@ -120,7 +124,29 @@ def bench_t5tpu(cfg, args, batches, optimizer: str):
     jax.block_until_ready(metrics['loss'])
     times.append(time.perf_counter() - t0)
   # Per-token cross entropy, comparable with transformers' mean loss.
-  return times[args.warmup:], float(metrics['cross_ent_sum'] / metrics['weight_sum'])
+  loss = float(metrics['cross_ent_sum'] / metrics['weight_sum'])
+  if args.profile:
+    profile_t5tpu(tr, state, dev, rng, args, optimizer)
+  return times[args.warmup:], loss
+
+
+def profile_t5tpu(tr, state, batches, rng, args, optimizer: str):
+  """Traces --steps more steps and prints where their time went (t5tpu/profiling.py); a
+  failure is reported, not raised, so the timings above still count."""
+  import os
+  from t5tpu import profiling
+  prof = profiling.StepProfiler(os.path.join(args.profile, optimizer), 1, args.steps)
+  try:
+    for step in range(1, args.steps + 1):
+      prof.before(step)
+      state, metrics = tr.train_step(state, batches[step % len(batches)], rng)
+      prof.after(step, (state, metrics),
+                 lambda: tr.train_step_hlo(state, batches[0], rng))
+    print(f'\nwhere the t5tpu step ({optimizer}) spends its time:\n{prof.table}\n')
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'profiling failed: {type(e).__name__}: {e}')
+  finally:
+    prof.close()
 
 
 def bench_hf(cfg, args, batches, optimizer: str, compile_model: bool = False):

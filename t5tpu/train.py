@@ -30,6 +30,7 @@ from t5tpu import model_dir_lock
 from t5tpu import model_shapes
 from t5tpu import models
 from t5tpu import partitioning
+from t5tpu import profiling
 from t5tpu import storage
 from t5tpu import summaries
 from t5tpu import trainer as trainer_lib
@@ -367,6 +368,7 @@ class Run:
   skip_nonfinite: bool
   early_stopping: early_stopping_lib.EarlyStopping
   param_dtype: Optional[str] = None
+  profile_steps: int = 0
 
   @property
   def lengths(self) -> dict:
@@ -394,7 +396,8 @@ def train(*,
           inference_evaluator_cls: Optional[Callable] = None,
           on_nonfinite: str = 'stop',
           early_stopping: Optional[early_stopping_lib.EarlyStopping] = None,
-          param_dtype: Optional[str] = None) -> Optional[Any]:
+          param_dtype: Optional[str] = None,
+          profile_steps: int = 0) -> Optional[Any]:
   """Trains `model` on `train_dataset_cfg` until the step counter reaches total_steps.
 
   Everything the user can get wrong is checked before MODEL_DIR changes. `train_epochs`
@@ -404,8 +407,10 @@ def train(*,
   parameters and optimizer state of such a step unchanged and goes on. `early_stopping`: stop
   when a validation metric stops improving, and keep the best checkpoint. `param_dtype`
   (PARAM_DTYPE): the trained parameters' dtype in memory, 'float32' (default) or 'bfloat16'
-  (half the parameter and gradient memory; see trainer.Trainer). Returns the final
-  TrainState (process-local handles; useful in tests and notebooks).
+  (half the parameter and gradient memory; see trainer.Trainer). `profile_steps`
+  (PROFILE_STEPS): trace that many steps, after two that compile and warm up, for
+  TensorBoard's profile tab, and log where their time went (t5tpu/profiling.py). Returns
+  the final TrainState (process-local handles; useful in tests and notebooks).
   """
   if total_steps is None and relative_steps is None and train_epochs is None:
     raise errors.UserError('set TRAIN_STEPS (absolute), TRAIN_STEPS_RELATIVE or TRAIN_EPOCHS')
@@ -432,7 +437,8 @@ def train(*,
       run_eval_before_training=run_eval_before_training,
       inference_evaluator_cls=inference_evaluator_cls, skip_nonfinite=on_nonfinite == 'skip',
       early_stopping=copy.deepcopy(early_stopping or early_stopping_lib.EarlyStopping()),
-      param_dtype=_check_param_dtype(param_dtype))
+      param_dtype=_check_param_dtype(param_dtype),
+      profile_steps=_check_profile_steps(profile_steps))
   # Seconds, not minutes of retries: MODEL_DIR is written, INITIAL_CHECKPOINT_PATH only read.
   storage.check_reachable(run.model_dir, read_only=[run.restore_cfg.path])
   partitioner.check_batch_size(train_dataset_cfg.batch_size, run.num_microbatches)
@@ -452,6 +458,24 @@ def _check_param_dtype(dtype: Optional[str]) -> Optional[str]:
   if dtype not in (None, 'float32', 'bfloat16'):
     raise errors.UserError(f'PARAM_DTYPE={dtype!r}: use "float32" or "bfloat16"')
   return dtype
+
+
+def _check_profile_steps(steps) -> int:
+  if steps is None or isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    raise errors.UserError(f'PROFILE_STEPS={steps!r}: use a number of steps to trace, or 0 for '
+                           'none')
+  return steps
+
+
+def _profiler(run: Run, start_step: int, total_steps: int):
+  """The profiler of PROFILE_STEPS: its window starts after two steps of this run (they
+  compile and warm up) when the run is long enough, else at its first step."""
+  remaining = total_steps - start_step
+  if not run.profile_steps or remaining <= 0:
+    return None
+  num = min(run.profile_steps, remaining)
+  skip = min(2, remaining - num)
+  return profiling.StepProfiler(storage.join(run.model_dir, 'train'), start_step + skip + 1, num)
 
 
 def _train_locked(run: Run):
@@ -563,6 +587,7 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
                     run.learning_rate_fn, run.train_dataset_cfg.batch_size, run.lengths,
                     run.model.config, start_step, total_steps, run.skip_nonfinite)
   step, stop = start_step, None
+  profiler = _profiler(run, start_step, total_steps)
   try:
     with _Preemption() as preemption:
       while step < total_steps and stop is None:
@@ -571,8 +596,13 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
         except StopIteration:
           stop = 'data'
           break
+        if profiler:
+          profiler.before(step + 1)
         state, metrics = trainer.train_step(state, batch, base_rng)
         step += 1
+        if profiler:
+          profiler.after(step, (state, metrics),
+                         lambda: trainer.train_step_hlo(state, batch, base_rng))
         steplog.add(metrics)
         if step == start_step + 1:
           write_operative_config(run.model_dir)
@@ -594,6 +624,8 @@ def _loop(run: Run, trainer, checkpointer, start: Start, pipeline: InputPipeline
       steplog.check_finite(checkpointer.latest_saved)
       actions.save(step, state, bool(run.eval_period) and actions.evaluate(step, state))
   finally:
+    if profiler:
+      profiler.close()
     steplog.close()
   write_operative_config(run.model_dir)
   _log_end(run, actions.tracker, stop, step)

@@ -242,6 +242,14 @@ class Trainer:
     with self.partitioner.context():
       return self._train_step(state, self.frozen, batch, base_rng)
 
+  def train_step_hlo(self, state: TrainState, batch, base_rng) -> str:
+    """The optimized HLO text of the compiled train step (profiling.op_kinds reads it); after
+    a step has run, jax's compilation cache makes this cheap."""
+    if self._train_step is None:
+      self._train_step = self.compile_train_step(batch)
+    with self.partitioner.context():
+      return self._train_step.lower(state, self.frozen, batch, base_rng).compile().as_text()
+
   def eval_step(self, params, batch):
     """Teacher-forced metric sums for one batch (no dropout); `params` as in the state."""
     if self._eval_step is None:

@@ -41,6 +41,10 @@ def test_gpu_suite_runs_every_benchmark_with_tiny_shapes(tmp_path):
   assert search['trials'][-1]['ran']
   assert 'ratio' in proc.stdout
 
+  assert 'where the t5tpu step (adamw) spends its time' in proc.stdout, proc.stdout[-3000:]
+  assert '| matmul |' in proc.stdout
+  assert list((tmp_path / 'profile_base' / 'adamw').glob('plugins/profile/*/*.xplane.pb'))
+
 
 def test_eval_vs_infer_decodes_the_same_and_prints_both_rows(tmp_path):
   out = tmp_path / 'eval_vs_infer.json'

@@ -82,3 +82,14 @@ def test_train_resume_eval_on_gcs(fake_gcs, tmp_path, copy_task):
       save=checkpoints.SaveCheckpointConfig(period=1000),
       restore=checkpoints.RestoreCheckpointConfig(path=f'{run}/checkpoint_3')))
   assert int(state.step) == 6 and checkpoints.all_steps(run2) == [6]
+
+
+def test_profile_steps_land_in_a_gcs_model_dir(fake_gcs, copy_task):
+  """PROFILE_STEPS with MODEL_DIR on gs://: the trace (written locally by the profiler) and
+  its table are copied into MODEL_DIR/train, where TensorBoard reads them."""
+  run = f'{fake_gcs.bucket}/models/profiled'
+  _run(run, 3, profile_steps=1)
+  files = [rel for rel, _ in storage.walk_files(storage.join(run, 'train'))]
+  assert any(f.startswith('plugins/profile/') and f.endswith('.xplane.pb') for f in files), files
+  table = storage.read_text(storage.join(run, 'train', 'profile_steps_3_3.txt'))
+  assert '| matmul |' in table
