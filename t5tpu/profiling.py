@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import jax
 
+from t5tpu import distributed
 from t5tpu import storage
 
 log = logging.getLogger('t5tpu.profiling')
@@ -158,13 +159,16 @@ def _op_events(trace_file: str):
     if not (is_device or plane.name.startswith('/host:CPU')):
       continue
     lines = list(plane.lines)
-    if is_device and any(line.name == 'XLA Ops' for line in lines):
-      lines = [line for line in lines if line.name == 'XLA Ops']  # TPU: not the module line
+    # A TPU's device plane has a line of XLA operations (beside one of whole programs), named
+    # by operation; a GPU's kernels and a CPU's operations carry the operation as a stat.
+    by_name = is_device and any(line.name == 'XLA Ops' for line in lines)
+    if by_name:
+      lines = [line for line in lines if line.name == 'XLA Ops']
     for line in lines:
       for event in line.events:
         stats = dict(event.stats)
         op = stats.get('hlo_op')
-        if op is None and not (is_device and lines[0].name == 'XLA Ops'):
+        if op is None and not by_name:
           continue  # host bookkeeping (and GPU events that name no HLO operation)
         # A CPU's devices share the host plane; its events say which device ran them.
         where = (plane.name, stats.get('device_ordinal'))
@@ -228,7 +232,7 @@ def format_table(ops: List[OpTime], steps: int, top: int = 15) -> str:
 # ----------------------------------------------------------------------------- the train loop
 
 class StepProfiler:
-  """Traces `num_steps` train steps, after `skip` steps that compile and warm up.
+  """Traces train steps `first_step` to `first_step + num_steps - 1`.
 
   Call `before(step)` with the number of the step about to run (its state's step + 1) and
   `after(step, outputs, hlo_text_fn)` once it was dispatched; the trace is stopped (after
@@ -257,26 +261,26 @@ class StepProfiler:
     if not self.active or step != self.last:
       return
     jax.block_until_ready(outputs)
-    self._stop()
+    jax.profiler.stop_trace()
     trace = latest_trace(self._local)
+    if storage.is_remote(self.log_dir):  # every host's trace (each names its file by host)
+      storage.copy(os.path.join(self._local, 'plugins'), storage.join(self.log_dir, 'plugins'))
     self.table = format_table(op_times(trace, hlo_text_fn(), module='train_step'),
                               self.last - self.first + 1)
-    name = f'profile_steps_{self.first}_{self.last}.txt'
     if storage.is_remote(self.log_dir):
-      storage.copy(os.path.join(self._local, 'plugins'), storage.join(self.log_dir, 'plugins'))
       shutil.rmtree(self._local, ignore_errors=True)
-    storage.write_text(storage.join(self.log_dir, name), self.table + '\n')
-    log.info('where steps %d to %d spent their time (trace: %s; table: %s):\n%s', self.first,
-             self.last, storage.join(self.log_dir, 'plugins', 'profile'), name, self.table)
     self._local = None
-
-  def _stop(self) -> None:
-    jax.profiler.stop_trace()
+    if distributed.is_primary():  # the table of this host's devices
+      name = f'profile_steps_{self.first}_{self.last}.txt'
+      storage.write_text(storage.join(self.log_dir, name), self.table + '\n')
+      log.info('where steps %d to %d spent their time (trace: %s; table: %s):\n%s',
+               self.first, self.last, storage.join(self.log_dir, 'plugins', 'profile'), name,
+               self.table)
 
   def close(self) -> None:
     """Stops a trace the loop left running (an error, or fewer steps than the window)."""
     if self.active:
-      self._stop()
+      jax.profiler.stop_trace()
       if storage.is_remote(self.log_dir):
         shutil.rmtree(self._local, ignore_errors=True)
       self._local = None
