@@ -211,16 +211,44 @@ def _kind_by_name(op: str) -> str:
   return _kind(_Instruction(op.split('.')[0], [], '', ''), {})
 
 
+_NETWORK_PATH = re.compile(r'Transformer\.(?:encode|decode)/([^:()]*)')
+
+
+def part_of(source: str) -> str:
+  """The part of the model a jax operation belongs to, from its HLO op_name: the network's
+  module path with the layer index dropped (all layers of a stack together), e.g.
+  'encoder/mlp (backward)' or 'decoder/logits_dense (forward)'; the loss and the optimizer
+  update are outside the network."""
+  if not source:
+    return 'unattributed'
+  direction = 'backward' if 'transpose(' in source else 'forward'
+  m = _NETWORK_PATH.search(source)
+  if m is None:
+    return f'loss ({direction})' if 'jvp(' in source else 'optimizer update, metrics'
+  path = [p for p in m.group(1).split('/') if p and not re.fullmatch(r'layers_\d+', p)]
+  return f"{'/'.join(path[:2]) or 'network'} ({direction})"
+
+
+def _rows(times: Dict[str, float], total: float, steps: int, top: int) -> List[str]:
+  return [f'| {key} | {1e3 * secs / steps:.3f} | {secs / total:.1%} |'
+          for key, secs in sorted(times.items(), key=lambda kv: -kv[1])[:top]]
+
+
 def format_table(ops: List[OpTime], steps: int, top: int = 15) -> str:
-  """Time per kind, then the `top` costliest operations, per step (ms) and as a share."""
+  """Time per kind of operation, per part of the model (when the HLO text gave sources), and
+  the `top` costliest operations; per step (ms) and as a share of the op time."""
   total = sum(o.seconds for o in ops) or 1.0
   by_kind: Dict[str, float] = collections.defaultdict(float)
+  by_part: Dict[str, float] = collections.defaultdict(float)
   for o in ops:
     by_kind[o.kind] += o.seconds
+    by_part[part_of(o.source)] += o.seconds
   out = [f'op time per step: {1e3 * total / steps:.2f} ms over {len(ops)} operations '
          f'({steps} step(s) traced)', '', '| kind | ms / step | share |', '|---|---|---|']
-  for kind, secs in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-    out.append(f'| {kind} | {1e3 * secs / steps:.3f} | {secs / total:.1%} |')
+  out += _rows(by_kind, total, steps, len(by_kind))
+  if any(o.source for o in ops):
+    out += ['', '| part of the model | ms / step | share |', '|---|---|---|']
+    out += _rows(by_part, total, steps, top)
   out += ['', '| operation | kind | ms / step | share | from |', '|---|---|---|---|---|']
   for o in ops[:top]:
     source = o.source if len(o.source) <= 90 else '...' + o.source[-87:]

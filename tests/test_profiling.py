@@ -104,3 +104,15 @@ def test_profile_window_shrinks_to_a_short_run(tmp_path, copy_task):
 def test_profile_steps_must_be_a_count(tmp_path):
   with pytest.raises(errors.UserError, match='PROFILE_STEPS=-1'):
     test_train.run(tmp_path / 'run', 2, profile_steps=-1)
+
+
+def test_part_of_groups_a_stack_of_layers_and_the_two_passes():
+  fwd = 'jit(_train_step_fn)/jvp(Transformer)/Transformer.encode/encoder/layers_3/mlp/wi_0/dot_general'
+  bwd = ('jit(_train_step_fn)/transpose(jvp(Transformer))/Transformer.decode/decoder/layers_0/'
+         'mlp/(wi_1/dot_general:wi_0/dot_general)')
+  assert profiling.part_of(fwd) == 'encoder/mlp (forward)'
+  assert profiling.part_of(bwd) == 'decoder/mlp (backward)'
+  assert profiling.part_of(fwd.replace('layers_3', 'layers_5')) == 'encoder/mlp (forward)'
+  assert profiling.part_of('jit(_train_step_fn)/jvp()/reduce') == 'loss (forward)'
+  assert profiling.part_of('jit(_train_step_fn)/sqrt') == 'optimizer update, metrics'
+  assert profiling.part_of('') == 'unattributed'
