@@ -34,6 +34,9 @@ def parse():
   p.add_argument('--dtype', default='auto', help="activation dtype: float32, bfloat16, or "
                  "auto (bfloat16 on accelerators, float32 on CPU)")
   p.add_argument('--skip_hf', action='store_true')
+  p.add_argument('--profile', default=None, metavar='DIR',
+                 help='trace one more t5tpu decode per method into DIR (TensorBoard profile) '
+                      'and print where its time goes')
   p.add_argument('--json', default=None, help='write results here')
   return p.parse_args()
 
@@ -69,7 +72,23 @@ def bench_t5tpu(cfg, args, inputs, beams: int) -> float:
     tokens, _ = predict(params, batch, rng)
     jax.block_until_ready(tokens)
     assert tokens.shape[-1] == args.new_tokens
-  return _median_seconds(run, args.warmup, args.repeats)
+  seconds = _median_seconds(run, args.warmup, args.repeats)
+  if args.profile:
+    profile(run, predict.hlo_text(params, batch, rng), args, beams)
+  return seconds
+
+
+def profile(run, hlo_text: str, args, beams: int) -> None:
+  """One more decode under the profiler, and where its time went (t5tpu/profiling.py); a
+  failure is reported, not raised, so the timings still count."""
+  import os
+  from t5tpu import profiling
+  name = 'greedy' if beams == 1 else f'beam{beams}'
+  try:
+    table = profiling.trace_calls(run, os.path.join(args.profile, name), 1, hlo_text)
+    print(f'\nwhere t5tpu decoding ({name}) spends its time:\n{table}\n')
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'profiling failed: {type(e).__name__}: {e}')
 
 
 def hf_model(cfg):

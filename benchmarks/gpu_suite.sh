@@ -6,7 +6,8 @@
 #      of t5tpu's step and a table of where its time goes (matmuls, fusions, copies, the
 #      costliest operations), with the trace under $OUT/profile_base for TensorBoard
 #   2. the same for T5.1.1-large at batch 32
-#   3. greedy and beam-4 decoding of T5.1.1-base, batch 64, 512 inputs, 128 new tokens
+#   3. greedy and beam-4 decoding of T5.1.1-base, batch 64, 512 inputs, 128 new tokens, and
+#      where each one's time goes (trace under $OUT/profile_decode)
 #   4. the largest batch of T5.1.1-xl (3B) full fine-tuning that fits, AdamW
 # Each step prints its table and writes JSON under $OUT (default benchmarks/results/). A step
 # that fails is reported and the next one still runs; the exit status says whether all ran.
@@ -60,7 +61,7 @@ step "1. train: base" $py benchmarks/train_throughput.py $base --optimizer adamw
 step "2. train: large" $py benchmarks/train_throughput.py $large --optimizer adamw $compile \
   --json "$out/train_large.json"
 step "3. decode: greedy and beam 4" $py benchmarks/decode_throughput.py $decode --beams 1,4 \
-  --json "$out/decode_base.json"
+  --profile "$out/profile_decode" --json "$out/decode_base.json"
 # Alone in its process, JAX may take 90% of the card (its default limit is 75%).
 step "4. largest xl batch (AdamW)" env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" $py benchmarks/max_batch.py $xl --optimizer adamw \
   --json "$out/max_batch_xl.json"

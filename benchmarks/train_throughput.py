@@ -134,19 +134,22 @@ def profile_t5tpu(tr, state, batches, rng, args, optimizer: str):
   """Traces --steps more steps and prints where their time went (t5tpu/profiling.py); a
   failure is reported, not raised, so the timings above still count."""
   import os
+  import jax
   from t5tpu import profiling
-  prof = profiling.StepProfiler(os.path.join(args.profile, optimizer), 1, args.steps)
+  live = {'state': state, 'step': 0}
+
+  def step():
+    live['state'], metrics = tr.train_step(live['state'],
+                                           batches[live['step'] % len(batches)], rng)
+    live['step'] += 1
+    jax.block_until_ready(metrics)
   try:
-    for step in range(1, args.steps + 1):
-      prof.before(step)
-      state, metrics = tr.train_step(state, batches[step % len(batches)], rng)
-      prof.after(step, (state, metrics),
-                 lambda: tr.train_step_hlo(state, batches[0], rng))
-    print(f'\nwhere the t5tpu step ({optimizer}) spends its time:\n{prof.table}\n')
+    hlo_text = tr.train_step_hlo(state, batches[0], rng)
+    table = profiling.trace_calls(step, os.path.join(args.profile, optimizer), args.steps,
+                                  hlo_text, module='train_step')
+    print(f'\nwhere the t5tpu step ({optimizer}) spends its time:\n{table}\n')
   except Exception as e:  # pylint: disable=broad-except
     print(f'profiling failed: {type(e).__name__}: {e}')
-  finally:
-    prof.close()
 
 
 def bench_hf(cfg, args, batches, optimizer: str, compile_model: bool = False):

@@ -238,7 +238,8 @@ def predict(model, params, batch: Mapping[str, Any], rng=None, *,
 
 def make_predict_fn(model, layout, replicate_outputs: bool = False,
                     **decode_kwargs) -> Callable:
-  """A jitted `fn(params, batch, rng) -> (tokens, scores)`, partitioned like training.
+  """A jitted `fn(params, batch, rng) -> (tokens, scores)`, partitioned like training
+  (`fn.hlo_text(params, batch, rng)`: the compiled program's HLO text).
 
   Compiled once per batch shape; params keep their layout (a layout.ParamLayout of the
   whole model), the batch is split over the mesh's data axis. `replicate_outputs` gives every host all the outputs (evaluation).
@@ -250,7 +251,7 @@ def make_predict_fn(model, layout, replicate_outputs: bool = False,
 
   cache = {}
 
-  def call(params, batch, rng):
+  def jitted(batch):
     key = tuple(sorted((k, v.shape) for k, v in batch.items()))
     if key not in cache:
       cache[key] = jax.jit(
@@ -258,6 +259,16 @@ def make_predict_fn(model, layout, replicate_outputs: bool = False,
                             layout.partitioner.sharding(PartitionSpec())),
           out_shardings=layout.partitioner.sharding(
               PartitionSpec() if replicate_outputs else PartitionSpec('data')))
+    return cache[key]
+
+  def call(params, batch, rng):
     with layout.partitioner.context():
-      return cache[key](params, batch, rng)
+      return jitted(batch)(params, batch, rng)
+
+  def hlo_text(params, batch, rng) -> str:
+    """The optimized HLO of the program `call` runs for this batch (profiling.op_kinds)."""
+    with layout.partitioner.context():
+      return jitted(batch).lower(params, batch, rng).compile().as_text()
+
+  call.hlo_text = hlo_text
   return call

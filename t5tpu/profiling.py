@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 
@@ -255,6 +255,19 @@ def format_table(ops: List[OpTime], steps: int, top: int = 15) -> str:
     out.append(f'| {o.name} | {o.kind} | {1e3 * o.seconds / steps:.3f} | '
                f'{o.seconds / total:.1%} | {source} |')
   return '\n'.join(out)
+
+
+def trace_calls(run: Callable[[], Any], log_dir: str, calls: int,
+                hlo_text: Optional[str] = None, module: Optional[str] = None) -> str:
+  """Traces `calls` calls of `run` (which waits for its results) into log_dir and returns
+  format_table's table of them."""
+  jax.profiler.start_trace(log_dir)
+  try:
+    for _ in range(calls):
+      run()
+  finally:
+    jax.profiler.stop_trace()
+  return format_table(op_times(latest_trace(log_dir), hlo_text, module), calls)
 
 
 # ----------------------------------------------------------------------------- the train loop

@@ -44,6 +44,7 @@ def test_gpu_suite_runs_every_benchmark_with_tiny_shapes(tmp_path):
   assert 'where the t5tpu step (adamw) spends its time' in proc.stdout, proc.stdout[-3000:]
   assert '| matmul |' in proc.stdout
   assert list((tmp_path / 'profile_base' / 'adamw').glob('plugins/profile/*/*.xplane.pb'))
+  assert 'where t5tpu decoding (beam4) spends its time' in proc.stdout
 
 
 def test_eval_vs_infer_decodes_the_same_and_prints_both_rows(tmp_path):
