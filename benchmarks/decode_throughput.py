@@ -85,7 +85,8 @@ def profile(run, hlo_text: str, args, beams: int) -> None:
   from t5tpu import profiling
   name = 'greedy' if beams == 1 else f'beam{beams}'
   try:
-    table = profiling.trace_calls(run, os.path.join(args.profile, name), 1, hlo_text)
+    table = profiling.trace_calls(run, os.path.join(args.profile, name), 1, hlo_text,
+                                  unit='decode')
     print(f'\nwhere t5tpu decoding ({name}) spends its time:\n{table}\n')
   except Exception as e:  # pylint: disable=broad-except
     print(f'profiling failed: {type(e).__name__}: {e}')

@@ -146,7 +146,7 @@ def profile_t5tpu(tr, state, batches, rng, args, optimizer: str):
   try:
     hlo_text = tr.train_step_hlo(state, batches[0], rng)
     table = profiling.trace_calls(step, os.path.join(args.profile, optimizer), args.steps,
-                                  hlo_text, module='train_step')
+                                  hlo_text, module='train_step', unit='step')
     print(f'\nwhere the t5tpu step ({optimizer}) spends its time:\n{table}\n')
   except Exception as e:  # pylint: disable=broad-except
     print(f'profiling failed: {type(e).__name__}: {e}')

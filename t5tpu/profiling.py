@@ -217,14 +217,14 @@ _NETWORK_PATH = re.compile(r'Transformer\.(?:encode|decode)/([^:()]*)')
 def part_of(source: str) -> str:
   """The part of the model a jax operation belongs to, from its HLO op_name: the network's
   module path with the layer index dropped (all layers of a stack together), e.g.
-  'encoder/mlp (backward)' or 'decoder/logits_dense (forward)'; the loss and the optimizer
-  update are outside the network."""
+  'encoder/mlp (backward)' or 'decoder/logits_dense (forward)'; the loss, and the rest
+  outside the network (a train step's optimizer update and metrics, decoding's search)."""
   if not source:
     return 'unattributed'
   direction = 'backward' if 'transpose(' in source else 'forward'
   m = _NETWORK_PATH.search(source)
   if m is None:
-    return f'loss ({direction})' if 'jvp(' in source else 'optimizer update, metrics'
+    return f'loss ({direction})' if 'jvp(' in source else 'outside the network'
   path = [p for p in m.group(1).split('/') if p and not re.fullmatch(r'layers_\d+', p)]
   return f"{'/'.join(path[:2]) or 'network'} ({direction})"
 
@@ -234,22 +234,23 @@ def _rows(times: Dict[str, float], total: float, steps: int, top: int) -> List[s
           for key, secs in sorted(times.items(), key=lambda kv: -kv[1])[:top]]
 
 
-def format_table(ops: List[OpTime], steps: int, top: int = 15) -> str:
+def format_table(ops: List[OpTime], steps: int, top: int = 15, unit: str = 'step') -> str:
   """Time per kind of operation, per part of the model (when the HLO text gave sources), and
-  the `top` costliest operations; per step (ms) and as a share of the op time."""
+  the `top` costliest operations; per `unit` (ms; `steps` of them traced) and as a share of
+  the op time."""
   total = sum(o.seconds for o in ops) or 1.0
   by_kind: Dict[str, float] = collections.defaultdict(float)
   by_part: Dict[str, float] = collections.defaultdict(float)
   for o in ops:
     by_kind[o.kind] += o.seconds
     by_part[part_of(o.source)] += o.seconds
-  out = [f'op time per step: {1e3 * total / steps:.2f} ms over {len(ops)} operations '
-         f'({steps} step(s) traced)', '', '| kind | ms / step | share |', '|---|---|---|']
+  out = [f'op time per {unit}: {1e3 * total / steps:.2f} ms over {len(ops)} operations '
+         f'({steps} {unit}(s) traced)', '', f'| kind | ms / {unit} | share |', '|---|---|---|']
   out += _rows(by_kind, total, steps, len(by_kind))
   if any(o.source for o in ops):
-    out += ['', '| part of the model | ms / step | share |', '|---|---|---|']
+    out += ['', f'| part of the model | ms / {unit} | share |', '|---|---|---|']
     out += _rows(by_part, total, steps, top)
-  out += ['', '| operation | kind | ms / step | share | from |', '|---|---|---|---|---|']
+  out += ['', f'| operation | kind | ms / {unit} | share | from |', '|---|---|---|---|---|']
   for o in ops[:top]:
     source = o.source if len(o.source) <= 90 else '...' + o.source[-87:]
     out.append(f'| {o.name} | {o.kind} | {1e3 * o.seconds / steps:.3f} | '
@@ -258,16 +259,17 @@ def format_table(ops: List[OpTime], steps: int, top: int = 15) -> str:
 
 
 def trace_calls(run: Callable[[], Any], log_dir: str, calls: int,
-                hlo_text: Optional[str] = None, module: Optional[str] = None) -> str:
+                hlo_text: Optional[str] = None, module: Optional[str] = None,
+                unit: str = 'call') -> str:
   """Traces `calls` calls of `run` (which waits for its results) into log_dir and returns
-  format_table's table of them."""
+  format_table's table of them, per `unit` (a call)."""
   jax.profiler.start_trace(log_dir)
   try:
     for _ in range(calls):
       run()
   finally:
     jax.profiler.stop_trace()
-  return format_table(op_times(latest_trace(log_dir), hlo_text, module), calls)
+  return format_table(op_times(latest_trace(log_dir), hlo_text, module), calls, unit=unit)
 
 
 # ----------------------------------------------------------------------------- the train loop
