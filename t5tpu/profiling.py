@@ -2,10 +2,12 @@
 
 `StepProfiler` traces a window of train steps (PROFILE_STEPS in runs/finetune.gin) into
 MODEL_DIR/train/plugins/profile/<time>/, where TensorBoard's profile tab finds it
-(`tensorboard --logdir MODEL_DIR`). `op_times` reads a trace back: the time of each XLA
-operation of one compiled program, summed over the traced steps, with its kind (matmul,
-fusion, copy, collective, ...) and the jax operation it came from, taken from the program's
-optimized HLO text. `format_table` prints both the kinds and the costliest operations.
+(`tensorboard --logdir MODEL_DIR`); `trace_calls` does the same for any function (the
+benchmarks' --profile). `op_times` reads a trace back: the time of each XLA operation of one
+compiled program, summed over the traced steps, with its kind (matmul, fusion, copy,
+collective, ...) and the jax operation it came from, taken from the program's optimized HLO
+text. `format_table` prints the time per kind, per part of the model (`part_of`) and of the
+costliest operations.
 
 Which events count: on a GPU or TPU, the operations on the device planes (kernels are summed
 per HLO operation); on a CPU, XLA's per-operation events on the host threads. Loops and calls
