@@ -8,6 +8,19 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
+# t5tpu is measured as its commands run it: on a CPU they restart with huge pages for malloc's
+# large blocks (t5tpu/runtime_env.py), so this process does too, before anything is imported.
+# Both systems then share that environment; T5TPU_HUGE_PAGES=0 measures without it.
+from t5tpu import runtime_env  # pylint: disable=wrong-import-position
+
+runtime_env.use_huge_pages(model_command=True)
+
+
+def malloc_setting() -> str:
+  """How this process's malloc was set up, for the tables' header."""
+  tunables = os.environ.get('GLIBC_TUNABLES')
+  return f'GLIBC_TUNABLES={tunables}' if tunables else 'default malloc'
+
 
 def model_config(args):
   """(T5Config, activation dtype) of --model, --vocab and --dtype ('auto': bfloat16 on

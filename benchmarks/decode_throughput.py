@@ -127,7 +127,7 @@ def main():
 
   print(f'\n{args.model} ({dtype}, vocab {cfg.vocab_size}), batch {args.batch}, '
         f'{args.inputs} input tokens, {args.new_tokens} new tokens, '
-        f'{jax.devices()[0].device_kind}')
+        f'{jax.devices()[0].device_kind}; {bench_setup.malloc_setting()}')
   print(f"{'decoding':<12}{'t5tpu s':>10}{'tokens/s':>11}{'transformers s':>16}{'tokens/s':>11}"
         f"{'ratio':>8}")
   results = []
@@ -147,6 +147,7 @@ def main():
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'dtype': dtype, 'device': jax.devices()[0].device_kind,
+                 'malloc': bench_setup.malloc_setting(),
                  'results': results}, f, indent=1)
 
 

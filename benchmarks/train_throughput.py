@@ -239,7 +239,7 @@ def main():
   print(f'\n{args.model} ({dtype}, vocab {cfg.vocab_size}), batch {args.batch}, '
         f'{args.inputs}/{args.targets} tokens, '
         f'{dev.device_kind}; {flops / args.batch / 1e9:.2f} GFLOP per example; '
-        f'peak {peak / 1e12:.2f} TFLOP/s')
+        f'peak {peak / 1e12:.2f} TFLOP/s; {bench_setup.malloc_setting()}')
   print(f"{'optimizer':<11}{'system':<26}{'step s':>9}{'tokens/s':>10}{'MFU':>8}"
         f"{'loss/token':>11}{'ratio':>8}")
   results = []
@@ -257,6 +257,7 @@ def main():
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'dtype': dtype, 'device': dev.device_kind,
+                 'malloc': bench_setup.malloc_setting(),
                  'results': results, 'packed': packed}, f, indent=1)
 
 
