@@ -134,7 +134,7 @@ def quiet_tensorflow_import() -> None:
 # on every step, and glibc hands blocks that large out as new mappings, so every step pays a
 # page fault per 4 KiB it touches. With glibc.malloc.hugetlb=1 (glibc >= 2.35) those mappings
 # are marked for transparent huge pages: a fault per 2 MiB. T5.1.1-small's CPU train step
-# (batch 8, 128/32 tokens) went from 0.887 to 0.723 s (docs/performance.md).
+# (batch 8, 128/32 tokens, Adafactor) went from 0.898 to 0.710 s (docs/performance.md).
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 _MODEL_COMMANDS = ('train', 'eval', 'infer', 'demo', 'study')
 
