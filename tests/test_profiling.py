@@ -104,6 +104,7 @@ def test_profile_window_shrinks_to_a_short_run(tmp_path, copy_task):
 def test_profile_steps_must_be_a_count(tmp_path):
   with pytest.raises(errors.UserError, match='PROFILE_STEPS=-1'):
     test_train.run(tmp_path / 'run', 2, profile_steps=-1)
+  assert not (tmp_path / 'run').exists()  # refused before anything is written
 
 
 def test_part_of_groups_a_stack_of_layers_and_the_two_passes():
