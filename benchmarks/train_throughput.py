@@ -104,7 +104,7 @@ def real_tokens(b) -> int:
   return int((b['encoder_input_tokens'] > 0).sum() + (b['decoder_target_tokens'] > 0).sum())
 
 
-def bench_t5tpu(cfg, args, batches, optimizer: str):
+def bench_t5tpu(cfg, args, batches, optimizer: str, profile: bool = True):
   import jax
   from t5tpu import data, models, network, optimizers, partitioning, trainer
   opt = optimizers.Adafactor() if optimizer == 'adafactor' else optimizers.AdamW(
@@ -125,7 +125,7 @@ def bench_t5tpu(cfg, args, batches, optimizer: str):
     times.append(time.perf_counter() - t0)
   # Per-token cross entropy, comparable with transformers' mean loss.
   loss = float(metrics['cross_ent_sum'] / metrics['weight_sum'])
-  if args.profile:
+  if args.profile and profile:
     profile_t5tpu(tr, state, dev, rng, args, optimizer)
   return times[args.warmup:], loss
 
@@ -275,7 +275,7 @@ def packed_table(cfg, args, opt_names):
     rows.append((opt, 'transformers, padded', sum(t)))
   release_torch_memory()
   for opt in opt_names:
-    t, _ = bench_t5tpu(cfg, args, packed, opt)
+    t, _ = bench_t5tpu(cfg, args, packed, opt, profile=False)  # profiled once, above
     rows.append((opt, 't5tpu (jax), packed', sum(t)))
   rows.sort(key=lambda r: (opt_names.index(r[0]), not r[1].startswith('t5tpu')))
   fill = tokens / ((args.steps) * args.batch * (args.inputs + args.targets))
