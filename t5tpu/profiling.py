@@ -307,14 +307,11 @@ class StepProfiler:
       return
     jax.block_until_ready(outputs)
     jax.profiler.stop_trace()
-    trace = latest_trace(self._local)
+    self.table = format_table(op_times(latest_trace(self._local), hlo_text_fn(),
+                                       module='train_step'), self.last - self.first + 1)
     if storage.is_remote(self.log_dir):  # every host's trace (each names its file by host)
       storage.copy(os.path.join(self._local, 'plugins'), storage.join(self.log_dir, 'plugins'))
-    self.table = format_table(op_times(trace, hlo_text_fn(), module='train_step'),
-                              self.last - self.first + 1)
-    if storage.is_remote(self.log_dir):
-      shutil.rmtree(self._local, ignore_errors=True)
-    self._local = None
+    self._drop_local()
     if distributed.is_primary():  # the table of this host's devices
       name = f'profile_steps_{self.first}_{self.last}.txt'
       storage.write_text(storage.join(self.log_dir, name), self.table + '\n')
@@ -326,6 +323,10 @@ class StepProfiler:
     """Stops a trace the loop left running (an error, or fewer steps than the window)."""
     if self.active:
       jax.profiler.stop_trace()
-      if storage.is_remote(self.log_dir):
-        shutil.rmtree(self._local, ignore_errors=True)
-      self._local = None
+      self._drop_local()
+
+  def _drop_local(self) -> None:
+    """Forgets the trace folder; a temporary one (for a gs:// log_dir) is deleted."""
+    if storage.is_remote(self.log_dir):
+      shutil.rmtree(self._local, ignore_errors=True)
+    self._local = None

@@ -193,11 +193,11 @@ def use_huge_pages(model_command: Optional[bool] = None) -> None:
   `model_command`: whether this process runs a model (default: runs_a_model of its command
   line; the benchmarks say True, to measure t5tpu as its commands run)."""
   argv = getattr(sys, 'orig_argv', None)
-  if not argv or not sys.platform.startswith('linux'):
+  if not argv or not sys.platform.startswith('linux') or 'GLIBC_TUNABLES' in os.environ:
     return
-  if model_command is None:
-    model_command = runs_a_model(argv)
-  if huge_pages_wanted(os.environ, model_command, _glibc_version(), _thp_mode(),
+  if not (runs_a_model(argv) if model_command is None else model_command):
+    return  # every import of t5tpu gets here: nothing more is read for other programs
+  if huge_pages_wanted(os.environ, True, _glibc_version(), _thp_mode(),
                        _on_cpu(os.environ)):
     sys.stdout.flush()
     sys.stderr.flush()

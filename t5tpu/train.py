@@ -461,7 +461,7 @@ def _check_param_dtype(dtype: Optional[str]) -> Optional[str]:
 
 
 def _check_profile_steps(steps) -> int:
-  if steps is None or isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
     raise errors.UserError(f'PROFILE_STEPS={steps!r}: use a number of steps to trace, or 0 for '
                            'none')
   return steps

@@ -236,19 +236,21 @@ class Trainer:
                    out_shardings=(self.layout.shardings, rng_sharding),
                    donate_argnums=(0,))
 
-  def train_step(self, state: TrainState, batch, base_rng):
+  def _jitted_train_step(self, batch):
     if self._train_step is None:
       self._train_step = self.compile_train_step(batch)
+    return self._train_step
+
+  def train_step(self, state: TrainState, batch, base_rng):
     with self.partitioner.context():
-      return self._train_step(state, self.frozen, batch, base_rng)
+      return self._jitted_train_step(batch)(state, self.frozen, batch, base_rng)
 
   def train_step_hlo(self, state: TrainState, batch, base_rng) -> str:
     """The optimized HLO text of the compiled train step (profiling.op_kinds reads it); after
     a step has run, jax's compilation cache makes this cheap."""
-    if self._train_step is None:
-      self._train_step = self.compile_train_step(batch)
     with self.partitioner.context():
-      return self._train_step.lower(state, self.frozen, batch, base_rng).compile().as_text()
+      lowered = self._jitted_train_step(batch).lower(state, self.frozen, batch, base_rng)
+      return lowered.compile().as_text()
 
   def eval_step(self, params, batch):
     """Teacher-forced metric sums for one batch (no dropout); `params` as in the state."""
