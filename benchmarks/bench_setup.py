@@ -24,13 +24,14 @@ def malloc_setting() -> str:
 
 def model_config(args):
   """(T5Config, activation dtype) of --model, --vocab and --dtype ('auto': bfloat16 on
-  accelerators, float32 on CPU); no dropout, so both systems do the same work."""
+  accelerators, float32 on CPU); dropout only where the benchmark has --dropout (each system
+  then drops out where its T5 does), none otherwise, so both do the same work."""
   import jax
   from t5tpu import model_shapes
   cfg = model_shapes.named_configs()[args.model]
   on_cpu = jax.devices()[0].platform == 'cpu'
   dtype = args.dtype if args.dtype != 'auto' else ('float32' if on_cpu else 'bfloat16')
-  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=0.0,
+  cfg = dataclasses.replace(cfg, dtype=dtype, dropout_rate=getattr(args, 'dropout', 0.0),
                             vocab_size=args.vocab or cfg.vocab_size)
   return cfg, dtype
 

@@ -4,6 +4,7 @@
   python benchmarks/train_throughput.py --vocab 512     # t5x's own CPU reference workload
   python benchmarks/train_throughput.py --packed        # + closed-book QA lengths, packed
   python benchmarks/train_throughput.py --profile /tmp/p  # + where the t5tpu step's time goes
+  python benchmarks/train_throughput.py --dropout 0.1   # fine-tuning's dropout on both sides
 
 Both sides train the same T5 shape on the same random token batches with each optimizer
 (Adafactor: t5x defaults on our side, transformers' Adafactor with a fixed learning rate on
@@ -45,6 +46,9 @@ def parse():
   p.add_argument('--optimizer', default='both', choices=['adafactor', 'adamw', 'both'],
                  help='the same optimizer on both sides (transformers: its Adafactor, or '
                  'torch AdamW, fused where supported); both: one row pair each')
+  p.add_argument('--dropout', type=float, default=0.0,
+                 help="dropout rate on both sides (0.1 is t5x's and transformers' fine-tuning "
+                      'default); each applies it where its T5 does')
   p.add_argument('--skip_hf', action='store_true')
   p.add_argument('--torch_compile', action='store_true',
                  help='also a row of transformers under torch.compile')
@@ -236,7 +240,8 @@ def main():
   order = {n: i for i, n in enumerate(['t5tpu (jax)', 'transformers (eager)',
                                        'transformers + compile'])}
   rows.sort(key=lambda r: (opt_names.index(r[0]), order[r[1]]))
-  print(f'\n{args.model} ({dtype}, vocab {cfg.vocab_size}), batch {args.batch}, '
+  print(f'\n{args.model} ({dtype}, vocab {cfg.vocab_size}, dropout {cfg.dropout_rate}), '
+        f'batch {args.batch}, '
         f'{args.inputs}/{args.targets} tokens, '
         f'{dev.device_kind}; {flops / args.batch / 1e9:.2f} GFLOP per example; '
         f'peak {peak / 1e12:.2f} TFLOP/s; {bench_setup.malloc_setting()}')

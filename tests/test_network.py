@@ -119,3 +119,35 @@ def test_packed_segments_do_not_attend_across():
   alone = model.apply({'params': params}, jnp.array([e2]), jnp.array([shift(t2)]),
                       jnp.array([t2]))
   np.testing.assert_allclose(packed[0, 3:5], alone[0], atol=1e-5)
+
+
+def _dropout_reference():
+  """t5x's network run with dropout 0.1 (tests/fixtures/t5x/make_dropout_reference.py)."""
+  import os
+  path = os.path.join(os.path.dirname(fixture_path()), 'dropout_reference.npz')
+  return dict(np.load(path))
+
+
+@pytest.mark.parametrize('shape', ['t5_1_1', 't5_1_0'])
+@pytest.mark.parametrize('batch_name', ['padded', 'packed'])
+def test_dropout_equals_t5x(shape, batch_name):
+  """With dropout on, as in every fine-tuning step, the same parameters, batch and dropout key
+  give t5x's logits: the same masks (attention dropout shared across queries, the encoder's
+  output dropout not shared across positions), drawn from the same streams."""
+  ref = _dropout_reference()
+  tied = shape == 't5_1_0'
+  cfg = network.T5Config(
+      vocab_size=128, dtype='float32', emb_dim=16, num_heads=4, num_encoder_layers=2,
+      num_decoder_layers=2, head_dim=8, mlp_dim=32, dropout_rate=0.1,
+      mlp_activations=('relu',) if tied else ('gelu', 'linear'), logits_via_embedding=tied)
+  prefix = f'{shape}/params/'
+  params = traverse_util.unflatten_dict(
+      {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}, sep='/')
+  batch = {k.split('/')[-1]: v for k, v in ref.items() if k.startswith(f'batch/{batch_name}/')}
+  model = network.Transformer(cfg)
+  apply = lambda **kw: np.asarray(model.apply({'params': params}, **batch, **kw))
+  expected = ref[f'{shape}/{batch_name}/logits']
+  ours = apply(enable_dropout=True, rngs={'dropout': ref['dropout_key']})
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+  # The reference is not dropout-free: without dropout the logits are far from it.
+  assert np.abs(apply(enable_dropout=False) - expected).max() > 0.1
