@@ -12,7 +12,8 @@ def flattens() -> bool:
   so one function traced for two platforms is traced twice), else this host's. `t5tpu plan`
   traces TPU programs on a CPU host. On CPU the 2-D form is faster (see `project`). The TPU
   compiler does better with the batched einsum: T5.1.1-small's train step at batch 1236
-  (128/32 tokens) needs 15.03 GiB of a v5e-1's HBM with it and 23.83 GiB with the 2-D form.
+  (128/32 tokens) needed 15.03 GiB of a v5e-1's HBM with it and 23.83 GiB with the 2-D form
+  (both with the full-size attention-dropout mask of the time).
   GPUs keep the 2-D form they were measured with.
   """
   device = jax.sharding.get_abstract_mesh().abstract_device

@@ -259,23 +259,21 @@ class MultiHeadAttention(nn.Module):
       logits = logits + bias.astype(logit_dtype)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0:
-      weights = self._dropout(weights)
+      weights = weights * self._dropout_multiplier(weights)
     out = jnp.einsum(f'bhqk,{kv}->bqhd', weights, value)
     out = out.reshape((q_rows, -1, inner))
     return Dense(features=inputs_q.shape[-1], kernel_axes=('joined_kv', 'embed'),
                  dtype=self.dtype, kernel_init=kernel_init, delta=self.delta,
                  name='out')(out, deterministic)
 
-
-  def _dropout(self, weights):
+  def _dropout_multiplier(self, weights):
     """t5x's attention dropout: one keep/drop draw per key, shared by every query (a [b, h, 1, k]
     mask, q times fewer random bits than a full one), drawn from this module's own 'dropout'
-    stream and applied as weights * (keep / keep_prob), so the same key gives t5x's numbers."""
+    stream, as keep / keep_prob: the same key gives t5x's numbers."""
     keep_prob = 1.0 - self.dropout_rate
     shape = weights.shape[:-2] + (1,) + weights.shape[-1:]
     keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, shape)
-    multiplier = keep.astype(weights.dtype) / jnp.asarray(keep_prob, self.dtype)
-    return weights * multiplier
+    return keep.astype(weights.dtype) / jnp.asarray(keep_prob, self.dtype)
 
 
 class MlpBlock(nn.Module):

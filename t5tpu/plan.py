@@ -549,9 +549,11 @@ def _parser():
                  help='stop bisecting when the bracket is this narrow (default: exact)')
   p.add_argument('--table', action='store_true',
                  help='the docs table: every model size on each --topology')
-  p.add_argument('--remat', default='none', help="--table only: T5Config.remat_policy")
-  p.add_argument('--param_dtype', default='float32', choices=('float32', 'bfloat16'),
-                 help='--table only: PARAM_DTYPE, the trained parameters\' dtype')
+  p.add_argument('--remat', default=None, help="T5Config.remat_policy (default: the gin's; "
+                 "with --table: 'none')")
+  p.add_argument('--param_dtype', default=None, choices=('float32', 'bfloat16'),
+                 help="PARAM_DTYPE, the trained parameters' dtype (default: the gin's; with "
+                      '--table: float32)')
   p.add_argument('--limit', type=int, default=4096, help='--table only: largest batch tried')
   p.add_argument('--no_header', action='store_true', help='--table only')
   return p
@@ -578,16 +580,18 @@ def main(argv: Sequence[str]) -> None:
   if args.table:
     table_rows(args.model or TABLE_MODELS, topologies,
                lengths or {'inputs': 128, 'targets': 32}, start=args.batch_size or 32,
-               remat=args.remat, limit=args.limit, header=not args.no_header,
-               param_dtype=args.param_dtype)
+               remat=args.remat or 'none', limit=args.limit, header=not args.no_header,
+               param_dtype=args.param_dtype or 'float32')
     return
   gin_files = list(args.gin_file)
   if not gin_files:
     if not args.model:
       raise SystemExit('give --gin_file=... (a run gin and a model gin) or --model=NAME')
     gin_files = [f'models/{args.model[0]}.gin', 'runs/finetune.gin']
-  gin_utils.parse_gin(gin_files, args.gin_bindings, args.gin_search_paths.split(','),
-                      finalize=False)
+  flag_bindings = ([f'PARAM_DTYPE = {args.param_dtype!r}'] if args.param_dtype else []) + (
+      [f'network.T5Config.remat_policy = {args.remat!r}'] if args.remat else [])
+  gin_utils.parse_gin(gin_files, args.gin_bindings + flag_bindings,
+                      args.gin_search_paths.split(','), finalize=False)
   for topo in topologies:
     setup = setup_from_gin(topo, args.batch_size, lengths)
     print(f'{topo}: {TOPOLOGIES[topo].note}; mesh {dict(setup.trainer.partitioner.mesh.shape)}'

@@ -60,3 +60,19 @@ def test_eval_vs_infer_decodes_the_same_and_prints_both_rows(tmp_path):
   rows = json.loads(out.read_text())['results']
   assert [r['system'] for r in rows] == ['inference eval (training)', 't5tpu infer']
   assert all(r['seconds_2n'] > 0 and r['seconds_n'] > 0 for r in rows)
+
+
+def test_train_throughput_with_dropout_on_both_sides(tmp_path):
+  out = tmp_path / 'train.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'train_throughput.py'), '--model',
+       't5_1_1/tiny', '--vocab', '128', '--batch', '2', '--inputs', '16', '--targets', '8',
+       '--steps', '1', '--warmup', '1', '--optimizer', 'adamw', '--dropout', '0.1',
+       '--json', str(out)],
+      env=subprocess_env.user_env(JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'dropout 0.1)' in proc.stdout
+  rows = json.loads(out.read_text())['results']
+  assert {r['system'] for r in rows} == {'t5tpu (jax)', 'transformers (eager)'}
+  assert all(math.isfinite(r['first_loss']) for r in rows)

@@ -154,7 +154,10 @@ def test_cli_from_gin(tmp_path):
     with contextlib.redirect_stdout(out):
       plan.main([f'--gin_file={gin_file}', '--topology=v5e-4', '--gin.NUM_PARTITIONS=2',
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
-                 '--gin.BATCH_SIZE=4', "--gin.network.T5Config.remat_policy='full'"])
+                 '--gin.BATCH_SIZE=4', '--remat=full', '--param_dtype=bfloat16'])
+    # The flags hold without --table too (they were once read by --table alone).
+    assert gin.query_parameter('%PARAM_DTYPE') == 'bfloat16'
+    assert gin.query_parameter('network.T5Config.remat_policy') == 'full'
   finally:
     gin.clear_config()
   text = out.getvalue()
