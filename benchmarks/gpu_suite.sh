@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU numbers of docs/performance.md in one go (a few minutes on an H100/H200):
 #   1. train, T5.1.1-base, batch 64, 512/128 tokens, bf16: t5tpu vs transformers eager and
-#      torch.compile (AdamW on both sides), tokens/s and MFU; and packed closed-book QA
+#      torch.compile (AdamW on both sides), tokens/s and MFU; two more t5tpu rows, the
+#      candidates for the MFU target: cuDNN's fused attention (attention_kernel=cudnn) and
+#      bfloat16 attention logits (float32_attention_logits=False); and packed closed-book QA
 #      against the same examples padded per batch (real tokens/s; needs seqio); then a trace
 #      of t5tpu's step and a table of where its time goes (matmuls, fusions, copies, the
 #      costliest operations), with the trace under $OUT/profile_base for TensorBoard
@@ -31,12 +33,14 @@ if [ "${TINY:-0}" = 1 ]; then
   xl="--model t5_1_1/tiny --vocab 128 --inputs 16 --targets 8 --start 8 --memory_gib 1 --limit 64"
   decode="--model t5_1_1/tiny --vocab 128 --batch 4 --inputs 16 --new_tokens 4 --repeats 1 --warmup 1"
   compile=""  # torch.compile on a CPU takes minutes: left to the real run
+  fused="attention_kernel=jax"  # the call cuDNN's row makes, in its XLA implementation
 else
   base="--model t5_1_1/base --batch 64 --inputs 512 --targets 128 --dtype bfloat16 --steps 10 --warmup 3"
   large="--model t5_1_1/large --batch 32 --inputs 512 --targets 128 --dtype bfloat16 --steps 10 --warmup 3"
   xl="--model t5_1_1/xl --inputs 512 --targets 128 --start 16"
   decode="--model t5_1_1/base --batch 64 --inputs 512 --new_tokens 128 --dtype bfloat16"
   compile="--torch_compile"
+  fused="attention_kernel=cudnn"
 fi
 packed="--packed"
 if ! "$py" -c "import seqio" 2>/dev/null; then
@@ -57,6 +61,7 @@ step() {  # step NAME COMMAND...: runs one benchmark, remembers a failure, goes 
 }
 
 step "1. train: base" $py benchmarks/train_throughput.py $base --optimizer adamw $compile $packed \
+  --variant "$fused" --variant float32_attention_logits=False \
   --profile "$out/profile_base" --json "$out/train_base.json"
 step "2. train: large" $py benchmarks/train_throughput.py $large --optimizer adamw $compile \
   --json "$out/train_large.json"

@@ -5,6 +5,8 @@
   python benchmarks/train_throughput.py --packed        # + closed-book QA lengths, packed
   python benchmarks/train_throughput.py --profile /tmp/p  # + where the t5tpu step's time goes
   python benchmarks/train_throughput.py --dropout 0.1   # fine-tuning's dropout on both sides
+  python benchmarks/train_throughput.py --variant attention_kernel=cudnn  # + a t5tpu row
+                                        # with that network.T5Config field changed (GPU)
 
 Both sides train the same T5 shape on the same random token batches with each optimizer
 (Adafactor: t5x defaults on our side, transformers' Adafactor with a fixed learning rate on
@@ -23,6 +25,7 @@ padding). Same examples and real tokens per step on both sides, so the ratio of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -49,6 +52,10 @@ def parse():
   p.add_argument('--dropout', type=float, default=0.0,
                  help="dropout rate on both sides (0.1 is t5x's and transformers' fine-tuning "
                       'default); each applies it where its T5 does')
+  p.add_argument('--variant', action='append', default=[], metavar='FIELD=VALUE[,...]',
+                 help='one more t5tpu row with these network.T5Config fields changed (e.g. '
+                 'attention_kernel=cudnn, float32_attention_logits=False); repeatable; a row '
+                 'that fails is reported and the others still run')
   p.add_argument('--skip_hf', action='store_true')
   p.add_argument('--torch_compile', action='store_true',
                  help='also a row of transformers under torch.compile')
@@ -59,6 +66,22 @@ def parse():
                       'where their time goes')
   p.add_argument('--json', default=None, help='write results here')
   return p.parse_args()
+
+
+def variant_config(cfg, spec: str):
+  """`cfg` with the fields of 'field=value,field=value' replaced (values as Python literals,
+  else strings)."""
+  import ast
+  changes = {}
+  for item in spec.split(','):
+    field, sep, value = item.partition('=')
+    if not sep or field.strip() not in {f.name for f in dataclasses.fields(cfg)}:
+      raise SystemExit(f'--variant {spec!r}: give network.T5Config fields as field=value')
+    try:
+      changes[field.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      changes[field.strip()] = value.strip()
+  return dataclasses.replace(cfg, **changes)
 
 
 def random_batch(rng, batch, inputs, targets, vocab):
@@ -237,22 +260,30 @@ def main():
   release_torch_memory()
   for opt in opt_names:
     measured(opt, 't5tpu (jax)', *bench_t5tpu(cfg, args, batches, opt))
-  order = {n: i for i, n in enumerate(['t5tpu (jax)', 'transformers (eager)',
-                                       'transformers + compile'])}
-  rows.sort(key=lambda r: (opt_names.index(r[0]), order[r[1]]))
+    for spec in args.variant:
+      try:
+        measured(opt, f't5tpu {spec}',
+                 *bench_t5tpu(variant_config(cfg, spec), args, batches, opt, profile=False))
+      except Exception as e:  # noqa: BLE001  a variant's failure (e.g. no cuDNN) is reported
+        print(f'{opt} t5tpu {spec}: failed ({type(e).__name__}: '
+              f'{str(e).splitlines()[0][:300]})')
+  order = ['t5tpu (jax)'] + [f't5tpu {s}' for s in args.variant] + [
+      'transformers (eager)', 'transformers + compile']
+  rows.sort(key=lambda r: (opt_names.index(r[0]), order.index(r[1])))
   print(f'\n{args.model} ({dtype}, vocab {cfg.vocab_size}, dropout {cfg.dropout_rate}), '
         f'batch {args.batch}, '
         f'{args.inputs}/{args.targets} tokens, '
         f'{dev.device_kind}; {flops / args.batch / 1e9:.2f} GFLOP per example; '
         f'peak {peak / 1e12:.2f} TFLOP/s; {bench_setup.malloc_setting()}')
-  print(f"{'optimizer':<11}{'system':<26}{'step s':>9}{'tokens/s':>10}{'MFU':>8}"
+  width = max([26] + [len(r[1]) + 2 for r in rows])
+  print(f"{'optimizer':<11}{'system':<{width}}{'step s':>9}{'tokens/s':>10}{'MFU':>8}"
         f"{'loss/token':>11}{'ratio':>8}")
   results = []
   for opt, name, step, loss in rows:
     mfu = flops / step / peak if peak else float('nan')
     ours = [r[2] for r in rows if r[0] == opt and r[1] == 't5tpu (jax)'][0]
     ratio = step / ours  # t5tpu tokens/s over this row's
-    print(f'{opt:<11}{name:<26}{step:>9.3f}{tokens / step:>10.0f}{mfu:>8.1%}{loss:>11.3f}'
+    print(f'{opt:<11}{name:<{width}}{step:>9.3f}{tokens / step:>10.0f}{mfu:>8.1%}{loss:>11.3f}'
           f'{ratio:>7.2f}x')
     results.append({'optimizer': opt, 'system': name, 'step_seconds': step,
                     'tokens_per_second': tokens / step, 'mfu': mfu, 'first_loss': loss,

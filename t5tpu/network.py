@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from t5tpu import errors
 from t5tpu import matmul
 from t5tpu.delta import modules as delta_modules
 
@@ -49,6 +50,14 @@ class T5Config:
   # 'none' keeps every activation; 'full' recomputes each layer in the backward pass;
   # 'dots' saves only matmul outputs (a middle ground for long sequences / big models).
   remat_policy: str = 'none'
+  # How training and scoring compute attention: 'einsum' (t5x's own ops, bit-equal to it, with
+  # its attention dropout); 'cudnn', jax.nn.dot_product_attention's fused cuDNN kernel (GPU
+  # only, bfloat16/float16: one kernel instead of the logits, bias, softmax and weights
+  # passes over [batch, heads, q, k]); 'jax', the same call's XLA implementation (anywhere;
+  # it checks the call against 'einsum'). Both fused kernels keep float32 logits whatever
+  # float32_attention_logits says. Decoding, and training steps whose attention dropout is
+  # on, always take 'einsum' (the fused kernels have no t5x-equal dropout).
+  attention_kernel: str = 'einsum'
   # Delta tuning (t5tpu.delta.DeltaConfig, set by gin/delta/*.gin): extra parameters at the
   # hooks below; None is the plain T5.
   delta: Optional[object] = None
@@ -191,6 +200,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   float32_logits: bool = True
   delta: Optional[object] = None
+  kernel: str = 'einsum'  # T5Config.attention_kernel
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, bias, *, deterministic: bool,
@@ -253,18 +263,32 @@ class MultiHeadAttention(nn.Module):
     key = _constrain(key, kv_axes)
     value = _constrain(value, kv_axes)
 
-    logit_dtype = jnp.float32 if self.float32_logits else self.dtype
-    logits = jnp.einsum(f'bqhd,{kv}->bhqk', query, key, preferred_element_type=logit_dtype)
-    if bias is not None:
-      logits = logits + bias.astype(logit_dtype)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    if not deterministic and self.dropout_rate > 0:
-      weights = weights * self._dropout_multiplier(weights)
-    out = jnp.einsum(f'bhqk,{kv}->bqhd', weights, value)
+    dropout = not deterministic and self.dropout_rate > 0
+    if self.kernel != 'einsum' and not decode and not dropout:
+      out = self._fused(query, key, value, bias)
+    else:
+      logit_dtype = jnp.float32 if self.float32_logits else self.dtype
+      logits = jnp.einsum(f'bqhd,{kv}->bhqk', query, key, preferred_element_type=logit_dtype)
+      if bias is not None:
+        logits = logits + bias.astype(logit_dtype)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+      if dropout:
+        weights = weights * self._dropout_multiplier(weights)
+      out = jnp.einsum(f'bhqk,{kv}->bqhd', weights, value)
     out = out.reshape((q_rows, -1, inner))
     return Dense(features=inputs_q.shape[-1], kernel_axes=('joined_kv', 'embed'),
                  dtype=self.dtype, kernel_init=kernel_init, delta=self.delta,
                  name='out')(out, deterministic)
+
+  def _fused(self, query, key, value, bias):
+    """[b, q, h, d] attention in one jax.nn.dot_product_attention call (T5: no 1/sqrt(d)).
+    cuDNN adds its bias in the inputs' dtype, so the relative position and mask bias is cast
+    to it there; XLA's implementation adds it to float32 logits, as 'einsum' does."""
+    if self.kernel == 'cudnn' and bias is not None:
+      bias = bias.astype(query.dtype)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, scale=1.0,
+                                        implementation='cudnn' if self.kernel == 'cudnn'
+                                        else 'xla')
 
   def _dropout_multiplier(self, weights):
     """t5x's attention dropout: one keep/drop draw per key, shared by every query (a [b, h, 1, k]
@@ -308,7 +332,26 @@ def _residual_dropout(cfg: T5Config):
 def _attention(cfg: T5Config, name: str):
   return MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.activation_dtype,
                             cfg.dropout_rate, cfg.float32_attention_logits, cfg.delta,
-                            name=name)
+                            _checked_kernel(cfg), name=name)
+
+
+_ATTENTION_KERNELS = ('einsum', 'cudnn', 'jax')
+
+
+def _checked_kernel(cfg: T5Config) -> str:
+  kernel = cfg.attention_kernel
+  if kernel not in _ATTENTION_KERNELS:
+    raise errors.UserError(f'attention_kernel={kernel!r}; choose one of '
+                           f"{', '.join(map(repr, _ATTENTION_KERNELS))}")
+  if kernel == 'cudnn' and jax.default_backend() != 'gpu':
+    raise errors.UserError(
+        f"attention_kernel='cudnn' needs an NVIDIA GPU; this run's devices are "
+        f"{jax.default_backend()}. Leave network.T5Config.attention_kernel at 'einsum'.")
+  if kernel == 'cudnn' and cfg.activation_dtype not in (jnp.bfloat16, jnp.float16):
+    raise errors.UserError(
+        f"attention_kernel='cudnn' needs bfloat16 or float16 activations, not {cfg.dtype}: "
+        "set network.T5Config.dtype = 'bfloat16', or leave attention_kernel at 'einsum'.")
+  return kernel
 
 
 def _mlp(cfg: T5Config):

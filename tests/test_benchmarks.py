@@ -20,10 +20,12 @@ def test_gpu_suite_runs_every_benchmark_with_tiny_shapes(tmp_path):
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+  variants = {'train_base': {'t5tpu attention_kernel=jax', 't5tpu float32_attention_logits=False'},
+              'train_large': set()}
   for name in ('train_base', 'train_large'):
     rows = json.loads((tmp_path / f'{name}.json').read_text())['results']
     systems = {r['system'] for r in rows}
-    assert systems == {'t5tpu (jax)', 'transformers (eager)'}, systems
+    assert systems == {'t5tpu (jax)', 'transformers (eager)'} | variants[name], systems
     assert all(r['tokens_per_second'] > 0 and math.isfinite(r['first_loss']) for r in rows)
     assert all(r['t5tpu_over_this'] > 0 for r in rows)
 
@@ -62,17 +64,22 @@ def test_eval_vs_infer_decodes_the_same_and_prints_both_rows(tmp_path):
   assert all(r['seconds_2n'] > 0 and r['seconds_n'] > 0 for r in rows)
 
 
-def test_train_throughput_with_dropout_on_both_sides(tmp_path):
+def test_train_throughput_with_dropout_and_variant_rows(tmp_path):
+  """--dropout on both sides; --variant adds t5tpu rows with a network field changed, and a
+  variant that cannot run here (cuDNN on a CPU) is reported while the rest of the table stands."""
   out = tmp_path / 'train.json'
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'benchmarks', 'train_throughput.py'), '--model',
        't5_1_1/tiny', '--vocab', '128', '--batch', '2', '--inputs', '16', '--targets', '8',
        '--steps', '1', '--warmup', '1', '--optimizer', 'adamw', '--dropout', '0.1',
-       '--json', str(out)],
+       '--variant', 'float32_attention_logits=False',
+       '--variant', 'attention_kernel=cudnn', '--json', str(out)],
       env=subprocess_env.user_env(JAX_PLATFORMS='cpu'), capture_output=True, text=True,
       timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'dropout 0.1)' in proc.stdout
+  assert 'adamw t5tpu attention_kernel=cudnn: failed (UserError: ' in proc.stdout
   rows = json.loads(out.read_text())['results']
-  assert {r['system'] for r in rows} == {'t5tpu (jax)', 'transformers (eager)'}
+  assert [r['system'] for r in rows] == [
+      't5tpu (jax)', 't5tpu float32_attention_logits=False', 'transformers (eager)']
   assert all(math.isfinite(r['first_loss']) for r in rows)

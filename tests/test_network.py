@@ -1,4 +1,6 @@
 """The network's parameter tree, logical axes and sizes match t5x."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,7 @@ import pytest
 from flax import linen as nn
 from flax import serialization, traverse_util
 
-from t5tpu import model_shapes, network
+from t5tpu import errors, model_shapes, network
 
 def abstract_params(cfg, enc_len=8, dec_len=4):
   model = network.Transformer(cfg)
@@ -151,3 +153,63 @@ def test_dropout_equals_t5x(shape, batch_name):
   np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
   # The reference is not dropout-free: without dropout the logits are far from it.
   assert np.abs(apply(enable_dropout=False) - expected).max() > 0.1
+
+
+def _kernel_case(kernel, dropout_rate=0.0, delta=None):
+  cfg = network.T5Config(vocab_size=64, dtype='float32', emb_dim=16, num_heads=2, head_dim=8,
+                         num_encoder_layers=2, num_decoder_layers=2, mlp_dim=32,
+                         mlp_activations=('gelu', 'linear'), logits_via_embedding=False,
+                         dropout_rate=dropout_rate, attention_kernel=kernel, delta=delta)
+  return network.Transformer(cfg)
+
+
+def _packed_batch():
+  rng = np.random.RandomState(0)
+  return dict(encoder_input_tokens=jnp.asarray(rng.randint(2, 64, (2, 10)) * [[1] * 9 + [0]]),
+              decoder_input_tokens=jnp.asarray(rng.randint(2, 64, (2, 6))),
+              decoder_target_tokens=jnp.asarray(rng.randint(2, 64, (2, 6)) * [[1] * 5 + [0]]),
+              encoder_segment_ids=jnp.asarray([[1] * 4 + [2] * 5 + [0]] * 2),
+              decoder_segment_ids=jnp.asarray([[1] * 3 + [2] * 2 + [0]] * 2))
+
+
+@pytest.mark.parametrize('method', [None, 'prefix'])
+def test_fused_attention_kernel_equals_einsum(method):
+  """attention_kernel='jax' (jax.nn.dot_product_attention, the call 'cudnn' makes on a GPU)
+  gives the einsum path's logits and gradients, on a packed, padded batch; with prefix
+  tuning's keys, values and bias too."""
+  from t5tpu import delta
+  cfg = {None: None, 'prefix': delta.DeltaConfig(prefix=delta.Prefix(length=3, hidden=8))}
+  batch = _packed_batch()
+  einsum, fused = (_kernel_case(k, delta=cfg[method]) for k in ('einsum', 'jax'))
+  params = nn.unbox(einsum.init(jax.random.PRNGKey(0), **batch)['params'])
+
+  def loss(model, p):
+    return (model.apply({'params': p}, **batch) ** 2).mean()
+
+  np.testing.assert_allclose(fused.apply({'params': params}, **batch),
+                             einsum.apply({'params': params}, **batch), rtol=0, atol=1e-5)
+  g_einsum, g_fused = (jax.grad(functools.partial(loss, m))(params) for m in (einsum, fused))
+  for (path, a), b in zip(traverse_util.flatten_dict(g_einsum).items(),
+                          traverse_util.flatten_dict(g_fused).values()):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg='/'.join(path))
+  # The relative position biases get their gradient through the fused call's bias.
+  assert np.abs(g_fused['encoder']['relpos_bias']['rel_embedding']).max() > 0
+
+
+def test_fused_attention_kernel_keeps_t5x_dropout():
+  """With attention dropout on, every kernel takes the einsum path (t5x's masks)."""
+  batch = _packed_batch()
+  einsum, fused = _kernel_case('einsum', 0.1), _kernel_case('jax', 0.1)
+  params = einsum.init(jax.random.PRNGKey(0), **batch)['params']
+  run = lambda m: m.apply({'params': params}, **batch, enable_dropout=True,
+                          rngs={'dropout': jax.random.PRNGKey(3)})
+  np.testing.assert_array_equal(run(fused), run(einsum))
+
+
+def test_attention_kernel_errors():
+  batch = _packed_batch()
+  with pytest.raises(errors.UserError, match="attention_kernel='flash'; choose one of"):
+    _kernel_case('flash').init(jax.random.PRNGKey(0), **batch)
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(errors.UserError, match="needs an NVIDIA GPU.*'einsum'"):
+      _kernel_case('cudnn').init(jax.random.PRNGKey(0), **batch)
