@@ -16,7 +16,15 @@
 #
 #   pip install -e ".[gpu]" && bash benchmarks/gpu_suite.sh
 #   TINY=1 bash benchmarks/gpu_suite.sh     # the same steps with tiny shapes, e.g. on a CPU
+#   STEPS="decode xl" bash benchmarks/gpu_suite.sh   # only these steps (of base large decode xl),
+#                                                    # e.g. to split a run over short sessions
 set -uo pipefail
+all_steps="base large decode xl"
+only="${STEPS:-$all_steps}"
+for key in $only; do
+  case " $all_steps " in *" $key "*) ;; *)
+    echo "gpu_suite.sh: STEPS has '$key'; choose among: $all_steps" >&2; exit 2;; esac
+done
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
@@ -49,8 +57,10 @@ if ! "$py" -c "import seqio" 2>/dev/null; then
 fi
 
 failed=()
-step() {  # step NAME COMMAND...: runs one benchmark, remembers a failure, goes on
-  local name="$1"; shift
+step() {  # step KEY NAME COMMAND...: runs one benchmark (if STEPS has KEY), remembers a
+          # failure, goes on
+  local key="$1" name="$2"; shift 2
+  case " $only " in *" $key "*) ;; *) echo "== $name: left out (STEPS=\"$only\")"; return;; esac
   echo "== $name"
   local t0=$SECONDS
   if ! "$@"; then
@@ -60,15 +70,15 @@ step() {  # step NAME COMMAND...: runs one benchmark, remembers a failure, goes 
   echo "   ($name: $((SECONDS - t0)) s)"
 }
 
-step "1. train: base" $py benchmarks/train_throughput.py $base --optimizer adamw $compile $packed \
+step base "1. train: base" $py benchmarks/train_throughput.py $base --optimizer adamw $compile $packed \
   --variant "$fused" --variant float32_attention_logits=False \
   --profile "$out/profile_base" --json "$out/train_base.json"
-step "2. train: large" $py benchmarks/train_throughput.py $large --optimizer adamw $compile \
+step large "2. train: large" $py benchmarks/train_throughput.py $large --optimizer adamw $compile \
   --json "$out/train_large.json"
-step "3. decode: greedy and beam 4" $py benchmarks/decode_throughput.py $decode --beams 1,4 \
+step decode "3. decode: greedy and beam 4" $py benchmarks/decode_throughput.py $decode --beams 1,4 \
   --profile "$out/profile_decode" --json "$out/decode_base.json"
 # Alone in its process, JAX may take 90% of the card (its default limit is 75%).
-step "4. largest xl batch (AdamW)" env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" $py benchmarks/max_batch.py $xl --optimizer adamw \
+step xl "4. largest xl batch (AdamW)" env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" $py benchmarks/max_batch.py $xl --optimizer adamw \
   --json "$out/max_batch_xl.json"
 echo "results in $out"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -49,6 +49,25 @@ def test_gpu_suite_runs_every_benchmark_with_tiny_shapes(tmp_path):
   assert 'where t5tpu decoding (beam4) spends its time' in proc.stdout
 
 
+def test_gpu_suite_runs_only_the_steps_named(tmp_path):
+  """STEPS splits the suite over short device sessions; a step name it does not know is
+  refused before anything runs."""
+  suite = os.path.join(ROOT, 'benchmarks', 'gpu_suite.sh')
+  env = lambda steps: subprocess_env.user_env(TINY='1', OUT=str(tmp_path), STEPS=steps,
+                                              PYTHON=sys.executable, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(['bash', suite], env=env('decode xll'), capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 2
+  assert "STEPS has 'xll'; choose among: base large decode xl" in proc.stderr
+  assert not list(tmp_path.iterdir())
+
+  proc = subprocess.run(['bash', suite], env=env('xl'), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['max_batch_xl.json']
+  assert proc.stdout.count('left out (STEPS="xl")') == 3
+
+
 def test_eval_vs_infer_decodes_the_same_and_prints_both_rows(tmp_path):
   out = tmp_path / 'eval_vs_infer.json'
   proc = subprocess.run(
