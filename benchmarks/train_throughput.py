@@ -231,6 +231,7 @@ def main():
   import jax
   from t5tpu import trainer
   cfg, dtype = bench_setup.model_config(args)
+  variants = {spec: variant_config(cfg, spec) for spec in args.variant}  # bad specs: now
   rng = np.random.RandomState(0)
   batches = [random_batch(rng, args.batch, args.inputs, args.targets,
                           min(cfg.vocab_size, 32000)) for _ in range(2)]
@@ -263,7 +264,7 @@ def main():
     for spec in args.variant:
       try:
         measured(opt, f't5tpu {spec}',
-                 *bench_t5tpu(variant_config(cfg, spec), args, batches, opt, profile=False))
+                 *bench_t5tpu(variants[spec], args, batches, opt, profile=False))
       except Exception as e:  # noqa: BLE001  a variant's failure (e.g. no cuDNN) is reported
         print(f'{opt} t5tpu {spec}: failed ({type(e).__name__}: '
               f'{str(e).splitlines()[0][:300]})')
