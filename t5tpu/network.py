@@ -50,13 +50,15 @@ class T5Config:
   # 'none' keeps every activation; 'full' recomputes each layer in the backward pass;
   # 'dots' saves only matmul outputs (a middle ground for long sequences / big models).
   remat_policy: str = 'none'
-  # How training and scoring compute attention: 'einsum' (t5x's own ops, bit-equal to it, with
-  # its attention dropout); 'cudnn', jax.nn.dot_product_attention's fused cuDNN kernel (GPU
-  # only, bfloat16/float16: one kernel instead of the logits, bias, softmax and weights
-  # passes over [batch, heads, q, k]); 'jax', the same call's XLA implementation (anywhere;
-  # it checks the call against 'einsum'). Both fused kernels keep float32 logits whatever
-  # float32_attention_logits says. Decoding, and training steps whose attention dropout is
-  # on, always take 'einsum' (the fused kernels have no t5x-equal dropout).
+  # How training and scoring compute attention: 'einsum' (t5x's own ops, bit-equal to it);
+  # 'cudnn', jax.nn.dot_product_attention's fused cuDNN kernel (GPU only, bfloat16/float16:
+  # one kernel instead of the logits, bias, softmax and weights passes over [batch, heads,
+  # q, k]); 'jax', the same call's XLA implementation (anywhere; it checks the call against
+  # 'einsum'); 'tpu_flash', Pallas's TPU flash-attention kernel (TPU only: the logits never
+  # reach HBM, so larger batches fit; attentions whose key length is not a multiple of 128
+  # take 'einsum'). The fused kernels keep float32 logits whatever float32_attention_logits
+  # says, and apply t5x's attention dropout mask to the values (the same mask, the same sums
+  # up to rounding). Decoding always takes 'einsum'.
   attention_kernel: str = 'einsum'
   # Delta tuning (t5tpu.delta.DeltaConfig, set by gin/delta/*.gin): extra parameters at the
   # hooks below; None is the plain T5.
@@ -264,8 +266,15 @@ class MultiHeadAttention(nn.Module):
     value = _constrain(value, kv_axes)
 
     dropout = not deterministic and self.dropout_rate > 0
-    if self.kernel != 'einsum' and not decode and not dropout:
-      out = self._fused(query, key, value, bias)
+    fused = self.kernel != 'einsum' and not decode and (
+        self.kernel != 'tpu_flash' or _flash_fits(key))
+    if fused:
+      if dropout:
+        # t5x's mask drops keys, shared by every query ([b, h, 1, k]): scaling those keys'
+        # values gives the same sums as scaling the weights (not bit-equal: one rounding moves).
+        keep = self._dropout_multiplier(key.shape[:1] + (self.num_heads, 1, key.shape[1]))
+        value = value * jnp.transpose(keep, (0, 3, 1, 2))
+      out = (_tpu_flash if self.kernel == 'tpu_flash' else self._fused)(query, key, value, bias)
     else:
       logit_dtype = jnp.float32 if self.float32_logits else self.dtype
       logits = jnp.einsum(f'bqhd,{kv}->bhqk', query, key, preferred_element_type=logit_dtype)
@@ -273,7 +282,8 @@ class MultiHeadAttention(nn.Module):
         logits = logits + bias.astype(logit_dtype)
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
       if dropout:
-        weights = weights * self._dropout_multiplier(weights)
+        weights = weights * self._dropout_multiplier(weights.shape[:-2] + (1,) +
+                                                     weights.shape[-1:])
       out = jnp.einsum(f'bhqk,{kv}->bqhd', weights, value)
     out = out.reshape((q_rows, -1, inner))
     return Dense(features=inputs_q.shape[-1], kernel_axes=('joined_kv', 'embed'),
@@ -290,14 +300,13 @@ class MultiHeadAttention(nn.Module):
                                         implementation='cudnn' if self.kernel == 'cudnn'
                                         else 'xla')
 
-  def _dropout_multiplier(self, weights):
+  def _dropout_multiplier(self, shape):
     """t5x's attention dropout: one keep/drop draw per key, shared by every query (a [b, h, 1, k]
     mask, q times fewer random bits than a full one), drawn from this module's own 'dropout'
     stream, as keep / keep_prob: the same key gives t5x's numbers."""
     keep_prob = 1.0 - self.dropout_rate
-    shape = weights.shape[:-2] + (1,) + weights.shape[-1:]
     keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, shape)
-    return keep.astype(weights.dtype) / jnp.asarray(keep_prob, self.dtype)
+    return keep.astype(self.dtype) / jnp.asarray(keep_prob, self.dtype)
 
 
 class MlpBlock(nn.Module):
@@ -335,7 +344,7 @@ def _attention(cfg: T5Config, name: str):
                             _checked_kernel(cfg), name=name)
 
 
-_ATTENTION_KERNELS = ('einsum', 'cudnn', 'jax')
+_ATTENTION_KERNELS = ('einsum', 'cudnn', 'jax', 'tpu_flash')
 
 
 def _checked_kernel(cfg: T5Config) -> str:
@@ -347,11 +356,87 @@ def _checked_kernel(cfg: T5Config) -> str:
     raise errors.UserError(
         f"attention_kernel='cudnn' needs an NVIDIA GPU; this run's devices are "
         f"{jax.default_backend()}. Leave network.T5Config.attention_kernel at 'einsum'.")
+  if kernel == 'tpu_flash' and jax.default_backend() == 'gpu':
+    raise errors.UserError(
+        "attention_kernel='tpu_flash' is a TPU kernel; on an NVIDIA GPU set "
+        "network.T5Config.attention_kernel = 'cudnn'.")
   if kernel == 'cudnn' and cfg.activation_dtype not in (jnp.bfloat16, jnp.float16):
     raise errors.UserError(
         f"attention_kernel='cudnn' needs bfloat16 or float16 activations, not {cfg.dtype}: "
         "set network.T5Config.dtype = 'bfloat16', or leave attention_kernel at 'einsum'.")
   return kernel
+
+
+# Pallas's TPU flash attention tiles keys in blocks of 128: shorter or ragged key lengths (a
+# 32-token decoder's self-attention) take the einsum path.
+_FLASH_BLOCK = 128
+
+
+def _flash_fits(key) -> bool:
+  return key.shape[1] % _FLASH_BLOCK == 0
+
+
+def _flash_blocks(q_len: int, kv_len: int):
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+  bq = _FLASH_BLOCK if q_len % _FLASH_BLOCK == 0 else q_len  # a short query block is whole
+  bk = _FLASH_BLOCK
+  return pallas_flash.BlockSizes(
+      block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+      block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
+      block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+
+
+def _lowering_platform() -> str:
+  """Where this trace will run: the mesh's devices (`t5tpu plan` traces on a CPU host for
+  compile-only TPU devices), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def _tpu_flash(query, key, value, bias):
+  """[b, q, h, d] attention in Pallas's TPU flash kernel (T5: no 1/sqrt(d) scaling): the
+  logits and softmax stay in VMEM, block by block, instead of [b, h, q, k] float32 arrays in
+  HBM. The kernel takes one full [b, h, q, k] bias (relative positions + mask, in the
+  activations' dtype; it adds it to float32 logits, as 'einsum' does) and returns its
+  gradient. Off a TPU it runs only under Pallas's interpreter (tests)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+  if _lowering_platform() != 'tpu' and not _pallas_interpreted():
+    raise errors.UserError(
+        f"attention_kernel='tpu_flash' runs on a TPU (or compiles for one in `t5tpu plan`); "
+        f"this run's devices are {_lowering_platform()}. Leave network.T5Config."
+        "attention_kernel at 'einsum'.")
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2)
+  q, k, v = heads_major(query), heads_major(key), heads_major(value)
+  shape = q.shape[:3] + (k.shape[2],)
+  blocks = _flash_blocks(shape[2], shape[3])
+
+  def attend(q, k, v, ab):
+    return pallas_flash.flash_attention(q, k, v, ab, sm_scale=1.0, block_sizes=blocks)
+
+  ab = None if bias is None else jnp.broadcast_to(bias.astype(query.dtype), shape)
+  attend = _sharded_over_batch_and_heads(attend, with_bias=ab is not None)
+  return heads_major(attend(q, k, v, ab))
+
+
+def _pallas_interpreted() -> bool:
+  """Inside jax.experimental.pallas.tpu.force_tpu_interpret_mode() (read where Pallas reads
+  it: jax has no public getter for this switch)."""
+  from jax._src import config as jax_config
+  switch = getattr(jax_config, 'pallas_tpu_interpret_mode_context_manager', None)
+  return switch is not None and switch.value is not None
+
+
+def _sharded_over_batch_and_heads(fn, with_bias: bool):
+  """fn on each device's [batch, heads] shard: a Pallas kernel is one device's program, which
+  the SPMD partitioner cannot split, so the mesh is mapped over explicitly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+  spec = nn.logical_to_mesh_axes(('batch', 'heads', None, None))
+  specs = (spec, spec, spec, spec if with_bias else None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)
 
 
 def _mlp(cfg: T5Config):

@@ -1,5 +1,6 @@
 """The network's parameter tree, logical axes and sizes match t5x."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -197,13 +198,74 @@ def test_fused_attention_kernel_equals_einsum(method):
 
 
 def test_fused_attention_kernel_keeps_t5x_dropout():
-  """With attention dropout on, every kernel takes the einsum path (t5x's masks)."""
+  """With attention dropout on, a fused kernel drops the values of the keys t5x's mask drops:
+  the einsum path's logits up to rounding, and far from the logits of other masks."""
   batch = _packed_batch()
   einsum, fused = _kernel_case('einsum', 0.1), _kernel_case('jax', 0.1)
   params = einsum.init(jax.random.PRNGKey(0), **batch)['params']
-  run = lambda m: m.apply({'params': params}, **batch, enable_dropout=True,
-                          rngs={'dropout': jax.random.PRNGKey(3)})
-  np.testing.assert_array_equal(run(fused), run(einsum))
+  run = lambda m, seed=3: m.apply({'params': params}, **batch, enable_dropout=True,
+                                  rngs={'dropout': jax.random.PRNGKey(seed)})
+  np.testing.assert_allclose(run(fused), run(einsum), rtol=0, atol=1e-5)
+  assert np.abs(run(fused) - run(einsum, seed=4)).max() > 1e-2
+
+
+def _flash_batch(rows=2):
+  """A packed, padded batch at lengths Pallas's TPU kernel tiles (inputs 128, targets 32)."""
+  rng = np.random.RandomState(1)
+  seg = lambda n, cut, pad: [[1] * cut + [2] * (n - cut - pad) + [0] * pad] * rows
+  enc, dec = np.array(seg(128, 50, 9)), np.array(seg(32, 12, 3))
+  tokens = lambda mask: jnp.asarray(rng.randint(2, 64, mask.shape) * (mask > 0))
+  return dict(encoder_input_tokens=tokens(enc), decoder_input_tokens=tokens(dec),
+              decoder_target_tokens=tokens(dec),
+              encoder_segment_ids=jnp.asarray(enc), decoder_segment_ids=jnp.asarray(dec))
+
+
+def test_tpu_flash_kernel_equals_einsum():
+  """attention_kernel='tpu_flash' (the Pallas TPU kernel, run by Pallas's interpreter here):
+  the einsum path's logits and gradients, dropout on (t5x's mask, applied to the values);
+  the decoder's 32-key self-attention takes einsum, its cross-attention the kernel."""
+  from jax.experimental.pallas import tpu as pltpu
+  batch = _flash_batch()
+  einsum, flash = _kernel_case('einsum', 0.1), _kernel_case('tpu_flash', 0.1)
+  params = nn.unbox(einsum.init(jax.random.PRNGKey(0), **batch)['params'])
+
+  def loss(model, p):
+    out = model.apply({'params': p}, **batch, enable_dropout=True,
+                      rngs={'dropout': jax.random.PRNGKey(5)})
+    return (out ** 2).mean(), out
+
+  (_, want), g_einsum = jax.value_and_grad(functools.partial(loss, einsum), has_aux=True)(params)
+  with pltpu.force_tpu_interpret_mode():
+    (_, got), g_flash = jax.jit(jax.value_and_grad(functools.partial(loss, flash),
+                                                   has_aux=True))(params)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  for (path, a), b in zip(traverse_util.flatten_dict(g_einsum).items(),
+                          traverse_util.flatten_dict(g_flash).values()):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg='/'.join(path))
+  assert np.abs(g_flash['encoder']['relpos_bias']['rel_embedding']).max() > 0
+  # The kernel ran where it should: 2 encoder self-attentions + 2 cross-attentions.
+  with pltpu.force_tpu_interpret_mode():
+    forward = str(jax.make_jaxpr(functools.partial(loss, flash))(params))
+  assert len(re.findall(r'jit\[name=flash_attention\b', forward)) == 4
+
+
+def test_tpu_flash_kernel_on_a_mesh():
+  """On a (data 4, model 2) mesh the kernel runs on each device's rows and heads (a Pallas
+  call is one device's program): the einsum path's logits."""
+  from jax.experimental.pallas import tpu as pltpu
+  from t5tpu import partitioning
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 devices (tests/conftest.py sets 8 host CPU devices)')
+  batch = _flash_batch(rows=4)
+  einsum, flash = _kernel_case('einsum'), _kernel_case('tpu_flash')
+  params = nn.unbox(einsum.init(jax.random.PRNGKey(0), **batch)['params'])
+  want = einsum.apply({'params': params}, **batch)
+  part = partitioning.PjitPartitioner(num_partitions=2, devices=jax.devices()[:8])
+  with part.context(), pltpu.force_tpu_interpret_mode():
+    forward = jax.jit(lambda p: flash.apply({'params': p}, **batch))
+    assert 'shard_map' in str(forward.trace(params).jaxpr)
+    got = forward(params)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_attention_kernel_errors():
@@ -213,3 +275,6 @@ def test_attention_kernel_errors():
   if jax.default_backend() != 'gpu':
     with pytest.raises(errors.UserError, match="needs an NVIDIA GPU.*'einsum'"):
       _kernel_case('cudnn').init(jax.random.PRNGKey(0), **batch)
+  if jax.default_backend() == 'cpu':
+    with pytest.raises(errors.UserError, match="'tpu_flash' runs on a TPU.*'einsum'"):
+      _kernel_case('tpu_flash').init(jax.random.PRNGKey(0), **_flash_batch())
