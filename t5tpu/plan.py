@@ -234,6 +234,7 @@ def compile_train_step(trainer, batch_size: int, lengths, topology: str, hbm: in
 
 
 _LOOP = re.compile(r'\bwhile\(')
+_PALLAS_KERNEL = 'tpu_custom_call'  # how a Pallas TPU kernel appears in the compiled HLO
 
 
 def step_estimate(cost: Optional[dict], has_loop: bool, peak_flops: Optional[float],
@@ -273,8 +274,12 @@ def _add_estimate(plan: Plan, compiled, trainer, lengths) -> None:
   device = trainer.partitioner.mesh.devices.flat[0]
   plan.peak_flops = trainer_lib.peak_flops_per_device(device.device_kind, device.platform)
   topo = TOPOLOGIES.get(plan.topology)
-  seconds, what = step_estimate(cost, bool(_LOOP.search(compiled.as_text())), plan.peak_flops,
+  text = compiled.as_text()
+  seconds, what = step_estimate(cost, bool(_LOOP.search(text)), plan.peak_flops,
                                 topo.hbm_bytes_per_second if topo else None)
+  if seconds is not None and _PALLAS_KERNEL in text:
+    what += ('; it leaves out work in Pallas kernels that declare none (the flash-attention '
+             "backward of attention_kernel='tpu_flash'), so it is low by their share")
   plan.estimated_seconds = seconds
   plan.estimate_note = what
 

@@ -235,6 +235,23 @@ def test_step_time_estimate_only_without_a_loop():
   assert 'counts a loop body once' in micro.summary()
 
 
+@pytest.mark.timeout(600)
+def test_tpu_flash_attention_compiles_for_tpu():
+  """attention_kernel='tpu_flash' (with dropout on): the Pallas kernel lowers and compiles for
+  one v5e chip and, mapped over the mesh, for a v5e-4 split 2 x 2; the step-time estimate says
+  what the kernels leave out of it."""
+  lengths = {'inputs': 128, 'targets': 32}
+  flash = lambda: _model(attention_kernel='tpu_flash', dropout_rate=0.1)
+  one = plan.memory_report(flash(), 'v5e-1', 8, lengths)
+  assert one.fits, one.error
+  assert 'Pallas kernels' in one.estimate_note
+  four = plan.memory_report(flash(), 'v5e-4', 8, lengths, num_partitions=2)
+  assert four.fits, four.error
+  assert four.mesh == {'data': 2, 'model': 2}
+  einsum = plan.memory_report(_model(dropout_rate=0.1), 'v5e-1', 8, lengths)
+  assert einsum.fits and 'Pallas' not in einsum.estimate_note
+
+
 def test_negative_optimal_seconds_gives_a_roofline_instead():
   """What libtpu gave for T5.1.1-small on v5e-1: a negative optimal_seconds beside sound
   counts. The estimate is then the roofline of those counts, and says so."""
