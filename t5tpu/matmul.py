@@ -5,19 +5,24 @@ import jax
 import jax.numpy as jnp
 
 
+def traced_platform() -> str:
+  """The platform the program traced now is for: the mesh's (part of jax's trace context, so
+  one function traced for two platforms is traced twice), else this host's. `t5tpu plan`
+  traces TPU programs on a CPU host."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 def flattens() -> bool:
   """Whether projections traced now are 2-D matmuls over the flattened tokens.
 
-  Decided by the platform the program is traced for: the mesh's (part of jax's trace context,
-  so one function traced for two platforms is traced twice), else this host's. `t5tpu plan`
-  traces TPU programs on a CPU host. On CPU the 2-D form is faster (see `project`). The TPU
+  Decided by `traced_platform()`. On CPU the 2-D form is faster (see `project`). The TPU
   compiler does better with the batched einsum: T5.1.1-small's train step at batch 1236
   (128/32 tokens) needed 15.03 GiB of a v5e-1's HBM with it and 23.83 GiB with the 2-D form
   (both with the full-size attention-dropout mask of the time).
   GPUs keep the 2-D form they were measured with.
   """
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  return (device.platform if device is not None else jax.default_backend()) != 'tpu'
+  return traced_platform() != 'tpu'
 
 
 def project(x, kernel, output_dtype=None):

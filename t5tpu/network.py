@@ -356,10 +356,6 @@ def _checked_kernel(cfg: T5Config) -> str:
     raise errors.UserError(
         f"attention_kernel='cudnn' needs an NVIDIA GPU; this run's devices are "
         f"{jax.default_backend()}. Leave network.T5Config.attention_kernel at 'einsum'.")
-  if kernel == 'tpu_flash' and jax.default_backend() == 'gpu':
-    raise errors.UserError(
-        "attention_kernel='tpu_flash' is a TPU kernel; on an NVIDIA GPU set "
-        "network.T5Config.attention_kernel = 'cudnn'.")
   if kernel == 'cudnn' and cfg.activation_dtype not in (jnp.bfloat16, jnp.float16):
     raise errors.UserError(
         f"attention_kernel='cudnn' needs bfloat16 or float16 activations, not {cfg.dtype}: "
@@ -386,15 +382,6 @@ def _flash_blocks(q_len: int, kv_len: int):
       block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
 
 
-def _lowering_platform() -> str:
-  """Where this trace will run: the mesh's devices (`t5tpu plan` traces on a CPU host for
-  compile-only TPU devices), else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.abstract_device is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
-
-
 def _tpu_flash(query, key, value, bias):
   """[b, q, h, d] attention in Pallas's TPU flash kernel (T5: no 1/sqrt(d) scaling): the
   logits and softmax stay in VMEM, block by block, instead of [b, h, q, k] float32 arrays in
@@ -402,11 +389,12 @@ def _tpu_flash(query, key, value, bias):
   activations' dtype; it adds it to float32 logits, as 'einsum' does) and returns its
   gradient. Off a TPU it runs only under Pallas's interpreter (tests)."""
   from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
-  if _lowering_platform() != 'tpu' and not _pallas_interpreted():
+  platform = matmul.traced_platform()
+  if platform != 'tpu' and not _pallas_interpreted():
     raise errors.UserError(
         f"attention_kernel='tpu_flash' runs on a TPU (or compiles for one in `t5tpu plan`); "
-        f"this run's devices are {_lowering_platform()}. Leave network.T5Config."
-        "attention_kernel at 'einsum'.")
+        f"this run's devices are {platform}. Leave network.T5Config.attention_kernel at "
+        "'einsum' (on an NVIDIA GPU: 'cudnn').")
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)
   q, k, v = heads_major(query), heads_major(key), heads_major(value)
   shape = q.shape[:3] + (k.shape[2],)

@@ -173,6 +173,12 @@ def _packed_batch():
               decoder_segment_ids=jnp.asarray([[1] * 3 + [2] * 2 + [0]] * 2))
 
 
+def _assert_gradients_close(got, want):
+  for (path, a), b in zip(traverse_util.flatten_dict(want).items(),
+                          traverse_util.flatten_dict(got).values()):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg='/'.join(path))
+
+
 @pytest.mark.parametrize('method', [None, 'prefix'])
 def test_fused_attention_kernel_equals_einsum(method):
   """attention_kernel='jax' (jax.nn.dot_product_attention, the call 'cudnn' makes on a GPU)
@@ -190,9 +196,7 @@ def test_fused_attention_kernel_equals_einsum(method):
   np.testing.assert_allclose(fused.apply({'params': params}, **batch),
                              einsum.apply({'params': params}, **batch), rtol=0, atol=1e-5)
   g_einsum, g_fused = (jax.grad(functools.partial(loss, m))(params) for m in (einsum, fused))
-  for (path, a), b in zip(traverse_util.flatten_dict(g_einsum).items(),
-                          traverse_util.flatten_dict(g_fused).values()):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg='/'.join(path))
+  _assert_gradients_close(g_fused, g_einsum)
   # The relative position biases get their gradient through the fused call's bias.
   assert np.abs(g_fused['encoder']['relpos_bias']['rel_embedding']).max() > 0
 
@@ -239,9 +243,7 @@ def test_tpu_flash_kernel_equals_einsum():
     (_, got), g_flash = jax.jit(jax.value_and_grad(functools.partial(loss, flash),
                                                    has_aux=True))(params)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-  for (path, a), b in zip(traverse_util.flatten_dict(g_einsum).items(),
-                          traverse_util.flatten_dict(g_flash).values()):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg='/'.join(path))
+  _assert_gradients_close(g_flash, g_einsum)
   assert np.abs(g_flash['encoder']['relpos_bias']['rel_embedding']).max() > 0
   # The kernel ran where it should: 2 encoder self-attentions + 2 cross-attentions.
   with pltpu.force_tpu_interpret_mode():
