@@ -389,8 +389,8 @@ def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Option
   Batches are multiples of `setup.unit`; the search stops when the bracket is at most
   `resolution` wide (default: one unit, i.e. exact), or `relative_resolution` x the largest
   batch that fits (a compile of a 3B model takes minutes: 1/8 is close enough there).
-  Bracketing goes up from `start` (up to `limit`), or, when `start` does not fit, tries the
-  smallest batch (if that does not fit either, nothing does).
+  Bracketing goes up from `start` (up to `limit`, which is tried itself), or, when `start`
+  does not fit, tries the smallest batch (if that does not fit either, nothing does).
 
   A compile that fits costs more than one the compiler rejects for HBM (that one stops at
   memory assignment: half the time for a 3B model here, a tenth for a tiny one), and peak
@@ -429,8 +429,10 @@ def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Option
     lo = b
     while hi is None:
       guess = predicted()
-      cand = 2 * lo if guess is None else max(min(floor(guess), floor(limit)), lo + step)
-      if cand > limit:
+      # Never past `limit`, but `limit` itself is tried: a search resumed between a batch
+      # known to fit (`start`) and one known not to (`limit`) bisects between them.
+      cand = min(2 * lo if guess is None else max(floor(guess), lo + step), floor(limit))
+      if cand <= lo:
         break
       if fits(cand):
         lo = cand
@@ -559,7 +561,10 @@ def _parser():
   p.add_argument('--param_dtype', default=None, choices=('float32', 'bfloat16'),
                  help="PARAM_DTYPE, the trained parameters' dtype (default: the gin's; with "
                       '--table: float32)')
-  p.add_argument('--limit', type=int, default=4096, help='--table only: largest batch tried')
+  p.add_argument('--limit', type=int, default=None,
+                 help='the largest batch tried (default: 4096 with --table); with '
+                      '--find_max_batch and --batch_size, the search bisects between them, '
+                      'e.g. to resume one that stopped')
   p.add_argument('--no_header', action='store_true', help='--table only')
   return p
 
@@ -585,7 +590,8 @@ def main(argv: Sequence[str]) -> None:
   if args.table:
     table_rows(args.model or TABLE_MODELS, topologies,
                lengths or {'inputs': 128, 'targets': 32}, start=args.batch_size or 32,
-               remat=args.remat or 'none', limit=args.limit, header=not args.no_header,
+               remat=args.remat or 'none', limit=args.limit or 4096,
+               header=not args.no_header,
                param_dtype=args.param_dtype or 'float32')
     return
   gin_files = list(args.gin_file)
@@ -603,10 +609,11 @@ def main(argv: Sequence[str]) -> None:
           f', lengths {setup.lengths}', flush=True)
     if args.find_max_batch:
       search = find_max_batch(setup, resolution=args.resolution,
+                              limit=args.limit or 1 << 16,
                               log=lambda p: print(p.summary(), flush=True))
       if search.best:
         above = (f'; {search.smallest_failure.batch_size} does not'
-                 if search.smallest_failure else '')
+                 if search.smallest_failure else '; larger batches were not tried (--limit)')
         print(f'largest batch that fits {topo}: {search.best.batch_size}{above}')
       else:
         print(f'DOES NOT FIT {topo} at any batch (the smallest, {setup.unit}, needs more HBM)')

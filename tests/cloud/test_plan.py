@@ -140,6 +140,27 @@ def test_flat_peaks_double_instead_of_following_the_line():
       fitted = max(fitted, b)
 
 
+def test_the_limit_is_tried_and_bounds_a_resumed_search():
+  """Doubling past `limit` tries `limit` itself (it used to stop below it, untried), so a
+  search resumed with a batch known to fit and one known not to bisects between the two."""
+
+  peak = lambda b: 1 + 0.1 * min(b, 64) + 1e-5 * max(b - 64, 0) + 0.5 * max(b - 200, 0)
+
+  class Plateau(_FakeSetup):  # flat peaks: the search doubles
+    def compile(self, b):
+      self.compiled.append(b)
+      return plan.Plan('v5e-1', b, {}, self.hbm, peak(b) <= self.hbm, peak=peak(b))
+
+  below = Plateau(unit=1, per_example=0.0, hbm=10.0)
+  search = plan.find_max_batch(below, start=64, limit=150)
+  assert (search.best.batch_size, search.smallest_failure) == (150, None)
+  assert below.compiled == [64, 128, 150]
+  resumed = Plateau(unit=1, per_example=0.0, hbm=10.0)
+  search = plan.find_max_batch(resumed, start=128, limit=220)
+  assert (search.best.batch_size, search.smallest_failure.batch_size) == (205, 206)
+  assert resumed.compiled[:2] == [128, 220] and max(resumed.compiled) == 220
+
+
 @pytest.mark.timeout(300)
 def test_cli_from_gin(tmp_path):
   """The run's gin decides model, partitioning and batch; the topology's devices are used."""
@@ -154,7 +175,8 @@ def test_cli_from_gin(tmp_path):
     with contextlib.redirect_stdout(out):
       plan.main([f'--gin_file={gin_file}', '--topology=v5e-4', '--gin.NUM_PARTITIONS=2',
                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
-                 '--gin.BATCH_SIZE=4', '--remat=full', '--param_dtype=bfloat16'])
+                 '--gin.BATCH_SIZE=4', '--remat=full', '--param_dtype=bfloat16',
+                 '--find_max_batch', '--limit=4'])
     # The flags hold without --table too (they were once read by --table alone).
     assert gin.query_parameter('%PARAM_DTYPE') == 'bfloat16'
     assert gin.query_parameter('network.T5Config.remat_policy') == 'full'
@@ -163,6 +185,9 @@ def test_cli_from_gin(tmp_path):
   text = out.getvalue()
   assert "v5e-4: 4 chips of 16 GiB; mesh {'data': 2, 'model': 2}" in text
   assert 'batch 4: FITS' in text and 'of 15.75 GiB HBM' in text
+  # --limit bounds --find_max_batch too: the gin's batch is the limit, so one compile.
+  assert text.count('FITS') == 1
+  assert 'largest batch that fits v5e-4: 4; larger batches were not tried (--limit)' in text
 
 
 @pytest.mark.timeout(300)
