@@ -423,7 +423,7 @@ def find_max_batch(setup: Setup, start: Optional[int] = None, resolution: Option
       return None
     return b2 + (tried[b2].hbm - p2) * (b2 - b1) / (p2 - p1)
 
-  b = max(unit, floor(start or setup.batch_size))
+  b = max(unit, floor(min(start or setup.batch_size, limit)))
   lo = hi = None
   if fits(b):
     lo = b
@@ -563,8 +563,8 @@ def _parser():
                       '--table: float32)')
   p.add_argument('--limit', type=int, default=None,
                  help='the largest batch tried (default: 4096 with --table); with '
-                      '--find_max_batch and --batch_size, the search bisects between them, '
-                      'e.g. to resume one that stopped')
+                      '--find_max_batch, the search bisects between --batch_size (or the '
+                      "gin's BATCH_SIZE) and it, e.g. to resume one that stopped")
   p.add_argument('--no_header', action='store_true', help='--table only')
   return p
 
@@ -587,10 +587,12 @@ def main(argv: Sequence[str]) -> None:
   lengths = None
   if args.inputs_length or args.targets_length:
     lengths = {'inputs': args.inputs_length or 128, 'targets': args.targets_length or 32}
+  if args.limit is not None and not (args.table or args.find_max_batch):
+    raise SystemExit('--limit bounds a search: give it with --find_max_batch or --table')
   if args.table:
     table_rows(args.model or TABLE_MODELS, topologies,
                lengths or {'inputs': 128, 'targets': 32}, start=args.batch_size or 32,
-               remat=args.remat or 'none', limit=args.limit or 4096,
+               remat=args.remat or 'none', limit=4096 if args.limit is None else args.limit,
                header=not args.no_header,
                param_dtype=args.param_dtype or 'float32')
     return
@@ -609,7 +611,7 @@ def main(argv: Sequence[str]) -> None:
           f', lengths {setup.lengths}', flush=True)
     if args.find_max_batch:
       search = find_max_batch(setup, resolution=args.resolution,
-                              limit=args.limit or 1 << 16,
+                              limit=1 << 16 if args.limit is None else args.limit,
                               log=lambda p: print(p.summary(), flush=True))
       if search.best:
         above = (f'; {search.smallest_failure.batch_size} does not'

@@ -159,6 +159,11 @@ def test_the_limit_is_tried_and_bounds_a_resumed_search():
   search = plan.find_max_batch(resumed, start=128, limit=220)
   assert (search.best.batch_size, search.smallest_failure.batch_size) == (205, 206)
   assert resumed.compiled[:2] == [128, 220] and max(resumed.compiled) == 220
+  capped = Plateau(unit=1, per_example=0.0, hbm=10.0)  # a start above the limit starts there
+  assert plan.find_max_batch(capped, start=300, limit=150).best.batch_size == 150
+  assert capped.compiled == [150]
+  with pytest.raises(SystemExit, match='--limit bounds a search'):
+    plan.main(['--model=t5_1_1/tiny', '--limit=4'])
 
 
 @pytest.mark.timeout(300)
