@@ -218,8 +218,11 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     # One flag per step, read by the host with the other metrics (no sync of its own): a
     # non-finite loss or update (NaN/Inf gradients, a NaN learning rate) would poison every
-    # later step and checkpoint.
-    finite = jnp.isfinite(metrics['loss']) & all_finite(updates)
+    # later step and checkpoint. The new parameters are checked, not the updates: they are
+    # non-finite whenever an update is (the old ones were checked a step ago), and they
+    # live anyway, where reducing each update kept it alive past its in-place apply (0.56
+    # GiB more per core for T5.1.1-XXL on a v2-8, batch 8 no longer fitting).
+    finite = jnp.isfinite(metrics['loss']) & all_finite(params)
     if self.skip_nonfinite_steps:  # keep the old parameters and optimizer state
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
