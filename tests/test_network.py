@@ -151,7 +151,10 @@ def test_dropout_equals_t5x(shape, batch_name):
   apply = lambda **kw: np.asarray(model.apply({'params': params}, **batch, **kw))
   expected = ref[f'{shape}/{batch_name}/logits']
   ours = apply(enable_dropout=True, rngs={'dropout': ref['dropout_key']})
-  np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+  # Bit-equal to t5x's network run on the same CPU; the fixture's CPU rounds float32 matmuls
+  # differently (t5x's own network run again on an AMX Xeon moved these logits by up to 1.9e-6).
+  # One mask element drawn differently moves a logit by far more (see the check below).
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
   # The reference is not dropout-free: without dropout the logits are far from it.
   assert np.abs(apply(enable_dropout=False) - expected).max() > 0.1
 
