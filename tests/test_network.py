@@ -153,7 +153,8 @@ def test_dropout_equals_t5x(shape, batch_name):
   ours = apply(enable_dropout=True, rngs={'dropout': ref['dropout_key']})
   # Bit-equal to t5x's network run on the same CPU; the fixture's CPU rounds float32 matmuls
   # differently (t5x's own network run again on an AMX Xeon moved these logits by up to 1.9e-6).
-  # One mask element drawn differently moves a logit by far more (see the check below).
+  # Masks drawn differently would move the logits by far more: with no dropout at all they are
+  # over 0.1 away (checked below).
   np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
   # The reference is not dropout-free: without dropout the logits are far from it.
   assert np.abs(apply(enable_dropout=False) - expected).max() > 0.1
