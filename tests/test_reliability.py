@@ -198,21 +198,21 @@ def test_skip_mode_drops_nonfinite_steps(tmp_path, copy_task):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _damage(step_dir: str, how: str) -> str:
-  # The largest of the array-data files (OCDBT's d/ folder). How orbax splits the arrays over
-  # those files varies from run to run: when they are small, `_sharding` can be the largest
-  # file of all, and a checkpoint without it restores (orbax takes the target's shardings).
-  files = sorted((os.path.getsize(p), p) for p in glob.glob(f'{step_dir}/state/**/d/*',
-                                                               recursive=True)
-                 if os.path.isfile(p))
-  assert files, f'no array-data files under {step_dir}/state'
-  size, victim = files[-1]
-  if how == 'truncate':
-    with open(victim, 'r+b') as f:
-      f.truncate(size // 2)
-  else:
-    os.remove(victim)
-  return victim
+def _damage(step_dir: str, how: str) -> list:
+  # Every array-data file (OCDBT's d/ folders), truncated to half or deleted. Not just one: an
+  # OCDBT checkpoint keeps data files that its final manifest no longer needs (superseded
+  # copies from earlier commits, some nearly as large as the live ones), so a checkpoint
+  # without one chosen file, even the largest, may still restore whole.
+  victims = [p for p in glob.glob(f'{step_dir}/state/**/d/*', recursive=True)
+             if os.path.isfile(p)]
+  assert victims, f'no array-data files under {step_dir}/state'
+  for victim in victims:
+    if how == 'truncate':
+      with open(victim, 'r+b') as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    else:
+      os.remove(victim)
+  return victims
 
 
 @pytest.fixture(scope='module')

@@ -279,9 +279,12 @@ def _fill(disk, leave: int):
 
 
 def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, reference):
-  with _tiny_disk(tmp_path / 'disk', '8m') as disk:
+  # Room to spare once the filler goes: while orbax writes a checkpoint, OCDBT keeps every
+  # commit's data files, and on a loaded machine (many small commits) checkpoint_6's temporary
+  # folder reached 5.2 MB, over twice the finished checkpoint; an 8 MB disk then filled up again.
+  with _tiny_disk(tmp_path / 'disk', '64m') as disk:
     run = str(disk / 'run')
-    reference.seed_checkpoint_3(run)  # about 1.5 MB
+    reference.seed_checkpoint_3(run)  # about 2 MB
     # Leave room for model-info.txt, config.gin and events, not for a checkpoint.
     _fill(disk, leave=64 * 1024)
     with pytest.raises(errors.UserError) as e:
