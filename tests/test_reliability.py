@@ -198,7 +198,7 @@ def test_skip_mode_drops_nonfinite_steps(tmp_path, copy_task):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _damage(step_dir: str, how: str) -> list:
+def _damage(step_dir: str, how: str) -> None:
   # Every array-data file (OCDBT's d/ folders), truncated to half or deleted. Not just one: an
   # OCDBT checkpoint keeps data files that its final manifest no longer needs (superseded
   # copies from earlier commits, some nearly as large as the live ones), so a checkpoint
@@ -208,11 +208,9 @@ def _damage(step_dir: str, how: str) -> list:
   assert victims, f'no array-data files under {step_dir}/state'
   for victim in victims:
     if how == 'truncate':
-      with open(victim, 'r+b') as f:
-        f.truncate(os.path.getsize(victim) // 2)
+      os.truncate(victim, os.path.getsize(victim) // 2)
     else:
       os.remove(victim)
-  return victims
 
 
 @pytest.fixture(scope='module')
