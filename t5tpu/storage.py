@@ -38,35 +38,50 @@ def is_remote(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _gcs_timeout():
-  """gcsfs's per-request timeout, also for the gcsfs instance etils.epath makes for orbax
-  (through fsspec's config). gcsfs passes `requests_timeout` to aiohttp as is: a number would
-  bound whole transfers, so it is a no-progress limit instead (sock_read), and a connect limit."""
+def _gcsfs_setup():
+  """gcsfs's class and per-request timeout, for t5tpu's own client and for the one etils.epath
+  makes for orbax (through fsspec's registry and config).
+
+  The class: gcsfs chooses it once, when first imported. With GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
+  unset it picks a subclass that probes the bucket for zonal and hierarchical features over
+  gRPC, again after each failed probe: offline or against a GCS emulator (no gRPC there) each
+  one-file write then waits a minute or two. t5tpu/__init__.py sets the variable to false, but
+  a process that imported gcsfs before t5tpu has already chosen; so the plain client is taken
+  here, unless the user set the variable to true.
+
+  The timeout: gcsfs passes `requests_timeout` to aiohttp as is: a number would bound whole
+  transfers, so it is a no-progress limit instead (sock_read), and a connect limit."""
   import aiohttp
+  import fsspec
   import fsspec.config
+  import gcsfs
+  import gcsfs.core
+  wanted = os.environ.get('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', '').lower() in ('true', '1')
+  cls = gcsfs.GCSFileSystem if wanted else gcsfs.core.GCSFileSystem
+  for protocol in ('gs', 'gcs'):
+    fsspec.register_implementation(protocol, cls, clobber=True)
   timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=STALL_SECONDS)
   fsspec.config.conf.setdefault('gs', {}).setdefault('requests_timeout', timeout)
-  return timeout
+  return cls, timeout
 
 
 @functools.lru_cache(maxsize=None)
 def _gcs():
-  import gcsfs  # imported lazily: local runs never pay for it
   # No listing cache: checkpoints are written behind gcsfs's back (tensorstore, other hosts),
   # and a stale listing would hide a new checkpoint or show a deleted one.
-  kwargs = {'use_listings_cache': False, 'requests_timeout': _gcs_timeout()}
+  cls, timeout = _gcsfs_setup()  # gcsfs imported lazily: local runs never pay for it
+  kwargs = {'use_listings_cache': False, 'requests_timeout': timeout}
   endpoint = os.environ.get('STORAGE_EMULATOR_HOST')
   if endpoint:
     kwargs.update(endpoint_url=endpoint, token='anon')
-  return gcsfs.GCSFileSystem(**kwargs)
+  return cls(**kwargs)
 
 
 def reset_clients() -> None:
   """Forget the gs:// client, e.g. after STORAGE_EMULATOR_HOST changed (tests)."""
   _gcs.cache_clear()
   try:
-    import gcsfs
-    gcsfs.GCSFileSystem.clear_instance_cache()
+    _gcsfs_setup()[0].clear_instance_cache()
   except ImportError:
     pass
   # etils.epath (orbax's paths) keeps its own gcsfs instance, made with the endpoint of the
@@ -191,7 +206,7 @@ def orbax_path(path: str):
   """
   from etils import epath
   if is_remote(path):
-    _gcs_timeout()  # before etils makes its gcsfs instance
+    _gcsfs_setup()  # before etils makes its gcsfs instance
   return epath.Path(resolve(path))
 
 

@@ -140,3 +140,32 @@ def test_sentencepiece_vocabulary_from_gcs(fake_gcs, tmp_path, monkeypatch):
   assert vocab.sentencepiece_model_file == remote  # identity stays the gs:// path
   assert vocab == seqio.SentencePieceVocabulary(remote, extra_ids=10)
   assert os.path.exists(tmp_path / 'cache' / remote[len('gs://'):])
+
+
+_GCSFS_FIRST = '''
+import sys
+import gcsfs  # before t5tpu: gcsfs picks its client class now, with the variable unset
+from t5tpu import storage
+bucket = sys.argv[1]
+storage.write_text(bucket + '/own.txt', 'through t5tpu')
+storage.orbax_path(bucket + '/orbax.txt').write_text('through etils, as orbax writes')
+print(storage.read_text(bucket + '/own.txt'), '|', storage.read_text(bucket + '/orbax.txt'))
+'''
+
+
+def test_gcsfs_imported_before_t5tpu_still_works(fake_gcs):
+  """A process that imported gcsfs first (a notebook, another library) got gcsfs's
+  experimental client, which probes buckets over gRPC: against this server each of t5tpu's
+  writes took a minute or more, and orbax's client (through etils) logged a failed probe on
+  every call.
+  Both now use the plain client."""
+  import subprocess
+  import sys
+  # this process's environment points at the server (fake_gcs); the variable is left unset
+  env = {k: v for k, v in os.environ.items() if k != 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'}
+  out = subprocess.run([sys.executable, '-c', _GCSFS_FIRST, fake_gcs.bucket], env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == 'through t5tpu | through etils, as orbax writes'
+  # what the probing client logs for each of etils' calls when it cannot probe
+  assert 'Could not determine bucket type' not in out.stderr, out.stderr[-3000:]
