@@ -157,8 +157,7 @@ def test_gcsfs_imported_before_t5tpu_still_works(fake_gcs):
   """A process that imported gcsfs first (a notebook, another library) got gcsfs's
   experimental client, which probes buckets over gRPC: against this server each of t5tpu's
   writes took a minute or more, and orbax's client (through etils) logged a failed probe on
-  every call.
-  Both now use the plain client."""
+  every call. Both now use the plain client."""
   import subprocess
   import sys
   # this process's environment points at the server (fake_gcs); the variable is left unset
