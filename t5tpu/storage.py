@@ -52,10 +52,8 @@ def _gcsfs_setup():
   The timeout: gcsfs passes `requests_timeout` to aiohttp as is: a number would bound whole
   transfers, so it is a no-progress limit instead (sock_read), and a connect limit."""
   import aiohttp
-  import fsspec
   import fsspec.config
-  import gcsfs
-  import gcsfs.core
+  import gcsfs.core  # binds gcsfs too
   wanted = os.environ.get('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', '').lower() in ('true', '1')
   cls = gcsfs.GCSFileSystem if wanted else gcsfs.core.GCSFileSystem
   for protocol in ('gs', 'gcs'):
