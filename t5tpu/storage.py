@@ -45,9 +45,9 @@ def _gcsfs_setup():
   The class: gcsfs chooses it once, when first imported. With GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
   unset it picks a subclass that probes the bucket for zonal and hierarchical features over
   gRPC, again after each failed probe: offline or against a GCS emulator (no gRPC there) each
-  one-file write then waits a minute or two. t5tpu/__init__.py sets the variable to false, but
-  a process that imported gcsfs before t5tpu has already chosen; so the plain client is taken
-  here, unless the user set the variable to true.
+  one-file write then waits a minute or two. runtime_env.configure() sets the variable to
+  false, but a process that imported gcsfs before t5tpu has already chosen; so the plain
+  client is taken here, unless the user set the variable to true.
 
   The timeout: gcsfs passes `requests_timeout` to aiohttp as is: a number would bound whole
   transfers, so it is a no-progress limit instead (sock_read), and a connect limit."""

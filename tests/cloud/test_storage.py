@@ -1,8 +1,11 @@
 """t5tpu.storage and `t5tpu gcs` against a GCS server on loopback (fake-gcs-server)."""
 import io
 import os
+import subprocess
+import sys
 
 from t5tpu import checkpoints, gcs, storage
+from tests import subprocess_env
 
 
 def _tree(root, files):
@@ -158,10 +161,8 @@ def test_gcsfs_imported_before_t5tpu_still_works(fake_gcs):
   experimental client, which probes buckets over gRPC: against this server each of t5tpu's
   writes took a minute or more, and orbax's client (through etils) logged a failed probe on
   every call. Both now use the plain client."""
-  import subprocess
-  import sys
-  # this process's environment points at the server (fake_gcs); the variable is left unset
-  env = {k: v for k, v in os.environ.items() if k != 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'}
+  env = subprocess_env.user_env(**fake_gcs.env)
+  env.pop('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', None)  # unset, as in most users' shells
   out = subprocess.run([sys.executable, '-c', _GCSFS_FIRST, fake_gcs.bucket], env=env,
                        capture_output=True, text=True, timeout=120, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
